@@ -1,0 +1,448 @@
+"""GPU check and benchmark of the Triton kernels, against the references and plain torch.
+
+    python bench/gpu.py                 # full sizes (N = 1,000,000 documents / rows)
+    python bench/gpu.py --quick         # N = 100,000: a fast first look on a new card
+    python bench/gpu.py --cpu-dry-run   # tiny sizes under TRITON_INTERPRET=1: tests this script
+
+On a machine without CUDA (and without --cpu-dry-run) it prints "no CUDA device: nothing to
+check" and exits 0. Otherwise, for every section in SECTIONS and every size it
+  1. checks the Triton result against the reference on a subsample (codes and ids exactly,
+     except at near-ties, which are counted; scores with atol = 2e-6 * M * max|lut|),
+  2. times the Triton path and a plain-torch equivalent with triton.testing.do_bench (median),
+  3. reports achieved bandwidth = compulsory bytes (inputs read once + outputs written once)
+     / time, and its fraction of the card's HBM peak when the card is known,
+then prints one markdown table and appends it to bench/results/gpu.md. Exit status 1 when a
+check failed or a case raised, so a CI job can gate on it.
+
+Timings call the kernel launchers (adc_scores_triton, assign_triton) and adc_topk(check=False)
+directly so input validation (a full pass over codes / x) is not counted; each correctness
+check goes through the public API (backend="triton") instead, so dispatch is exercised too.
+
+To add a section: write `def section_xxx(ctx) -> None` that calls `ctx.case(...)` per size
+and append it to SECTIONS.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu.md"
+
+# HBM peak in bytes/s, matched as substrings of torch.cuda.get_device_name(), most specific
+# first ("NVIDIA H100 PCIe" must not match the SXM entry "H100").
+HBM_PEAK = {
+    "H100 PCIe": 2.0e12,
+    "H100 NVL": 3.9e12,
+    "H100": 3.35e12,  # SXM, reported as "NVIDIA H100 80GB HBM3"
+    "H200": 4.8e12,
+    "A100": 2.0e12,  # 80 GB parts; the 40 GB A100 is 1.555e12
+}
+
+
+def hbm_peak(device_name: str) -> float | None:
+    for key, peak in HBM_PEAK.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+# --------------------------------------------------------------------------- harness
+@dataclass
+class Row:
+    section: str
+    shape: str
+    check: str = ""
+    triton_ms: float | None = None
+    torch_ms: float | None = None
+    nbytes: float | None = None
+    failed: bool = False
+
+
+@dataclass
+class Context:
+    device: "torch.device"
+    size: str  # "full" | "quick" | "dry"
+    peak: float | None
+    rows: list[Row] = field(default_factory=list)
+
+    def bench(self, fn, grad_to_none=None) -> float:
+        """Median milliseconds of fn()."""
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+        times = []  # --cpu-dry-run: the interpreter has no device timer; these numbers mean nothing
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def case(self, section: str, shape: str, fn) -> None:
+        """Run one size of one section; fn(row) fills the row. An exception becomes a failed row."""
+        row = Row(section, shape)
+        print(f"[{section}] {shape} ...", flush=True)
+        try:
+            fn(row)
+        except Exception as exc:  # keep going: one broken size must not hide the others
+            traceback.print_exc()
+            row.check = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+            row.failed = True
+        self.rows.append(row)
+        print(f"    {row.check}  triton {_fmt_ms(row.triton_ms)} ms  torch {_fmt_ms(row.torch_ms)} ms", flush=True)
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _fmt_ms(v):
+    return "—" if v is None else f"{v:.3f}"
+
+
+def markdown_table(ctx: Context, header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| section | shape | check | triton ms | torch ms | speedup | GB/s | % HBM peak |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in ctx.rows:
+        speed = f"{r.torch_ms / r.triton_ms:.2f}x" if r.triton_ms and r.torch_ms else "—"
+        gbs = pct = "—"
+        if r.nbytes and r.triton_ms:
+            bw = r.nbytes / (r.triton_ms * 1e-3)
+            gbs = f"{bw / 1e9:.0f}"
+            if ctx.peak:
+                pct = f"{100 * bw / ctx.peak:.0f}%"
+        lines.append(
+            f"| {r.section} | {r.shape} | {r.check} | {_fmt_ms(r.triton_ms)} | {_fmt_ms(r.torch_ms)} "
+            f"| {speed} | {gbs} | {pct} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plain-torch baselines
+def torch_adc_scores(lut, codes, max_elems: int = 1 << 28):
+    """(nq, M, K) x (N, M) -> (nq, N) with one index_select per document chunk.
+
+    The gathered (nq, chunk, M) block is capped at max_elems (1 GiB of float32).
+    """
+    import torch
+
+    nq, M, K = lut.shape
+    N = codes.shape[0]
+    flat = lut.reshape(nq, M * K)
+    offs = torch.arange(M, device=codes.device) * K
+    out = torch.empty((nq, N), dtype=lut.dtype, device=lut.device)
+    step = max(1, max_elems // max(1, nq * M))
+    for s in range(0, N, step):
+        idx = (codes[s : s + step].long() + offs).reshape(-1)
+        out[:, s : s + step] = flat.index_select(1, idx).reshape(nq, -1, M).sum(-1)
+    return out
+
+
+def torch_adc_topk(lut, codes, k: int, metric: str = "ip"):
+    import torch
+
+    return torch.topk(torch_adc_scores(lut, codes), min(k, codes.shape[0]), dim=1, largest=metric == "ip")
+
+
+def torch_assign(x, C, max_elems: int = 1 << 28):
+    """Chunked ||c||^2 - 2 x.c via baddbmm, then argmin (first minimum: smallest k)."""
+    import torch
+
+    n, D = x.shape
+    M, K, ds = C.shape
+    cnorm = (C * C).sum(-1).unsqueeze(1)  # (M, 1, K)
+    Ct = C.transpose(1, 2)  # (M, ds, K)
+    out = torch.empty((n, M), dtype=torch.uint8, device=x.device)
+    step = max(1, max_elems // (M * K))
+    for s in range(0, n, step):
+        xs = x[s : s + step].reshape(-1, M, ds).transpose(0, 1)  # (M, c, ds)
+        dist = torch.baddbmm(cnorm, xs, Ct, alpha=-2.0)  # (M, c, K)
+        out[s : s + step] = dist.argmin(-1).T.to(torch.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+def _generator(ctx, seed: int):
+    import torch
+
+    return torch.Generator(device=ctx.device).manual_seed(seed)
+
+
+def _adc_inputs(ctx, nq, N, M, K, ds=8):
+    """A realistic LUT (queries x random centroids, built with build_lut) and uniform codes."""
+    import torch
+    from jpq.kernels import build_lut
+
+    g = _generator(ctx, 0)
+    q = torch.randn((nq, M * ds), generator=g, device=ctx.device)
+    C = torch.randn((M, K, ds), generator=g, device=ctx.device)
+    lut = build_lut(q, C, metric="ip")
+    codes = torch.randint(0, K, (N, M), generator=g, device=ctx.device, dtype=torch.uint8)
+    return lut, codes
+
+
+def _adc_sizes(ctx):
+    # (nq, N, M, K); the awkward last size exercises every mask (N, M not multiples of a block)
+    if ctx.size == "dry":
+        return [(1, 300, 8, 16), (5, 301, 3, 7), (3, 50, 96, 256)]
+    N = 1_000_000 if ctx.size == "full" else 100_000
+    return [(1, N, 96, 256), (64, N, 96, 256), (1024, N, 96, 256), (5, 100_003, 3, 256)]
+
+
+def section_adc_scores(ctx):
+    import numpy as np
+    from jpq.kernels import adc_scores
+    from jpq.kernels.adc import adc_scores_reference
+    from jpq.kernels.adc_triton import adc_scores_triton
+
+    for nq, N, M, K in _adc_sizes(ctx):
+
+        def run(row, nq=nq, N=N, M=M, K=K):
+            lut, codes = _adc_inputs(ctx, nq, N, M, K)
+            scores = adc_scores(lut, codes, backend="triton")
+            rng = np.random.default_rng(0)
+            qs = np.sort(rng.choice(nq, min(nq, 4), replace=False))
+            docs = np.sort(rng.choice(N, min(N, 4096), replace=False))
+            ref = adc_scores_reference(lut[qs].cpu().numpy(), codes[docs].cpu().numpy())
+            got = scores[qs][:, docs].cpu().numpy()
+            atol = 2e-6 * M * float(lut.abs().max())
+            err = float(np.abs(got - ref).max())
+            ok = np.allclose(got, ref, rtol=1e-5, atol=atol)
+            row.check = f"ok (max err {err:.1e})" if ok else f"FAIL max err {err:.2e} > atol {atol:.1e}"
+            row.failed = not ok
+            del scores
+            row.triton_ms = ctx.bench(lambda: adc_scores_triton(lut, codes))
+            row.torch_ms = ctx.bench(lambda: torch_adc_scores(lut, codes))
+            row.nbytes = N * M + lut.numel() * 4 + nq * N * 4
+
+        ctx.case("adc_scores", f"nq={nq} N={N} M={M} K={K}", run)
+
+
+def section_adc_topk(ctx, k: int = 10):
+    import torch
+    from jpq.kernels import adc_topk
+
+    for nq, N, M, K in _adc_sizes(ctx):
+
+        def run(row, nq=nq, N=N, M=M, K=K):
+            lut, codes = _adc_inputs(ctx, nq, N, M, K)
+            D, I = adc_topk(lut, codes, k, metric="ip", backend="triton")
+            # reference: float64 scores of a few queries against all N documents, on the device
+            qs = torch.arange(0, nq, max(1, nq // 4), device=ctx.device)[:4]
+            ref = torch_adc_scores(lut[qs].double(), codes)  # (len(qs), N) float64
+            kk = min(k, N)
+            ref_v, ref_i = torch.topk(ref, kk, dim=1)
+            Dq, Iq = D[qs][:, :kk].double(), I[qs][:, :kk]
+            tol = 2e-6 * M * float(lut.abs().max())
+            problems = []
+            if bool((Iq < 0).any()) or bool((Iq >= N).any()):
+                problems.append("ids out of range")
+            else:
+                if float((Dq - ref.gather(1, Iq)).abs().max()) > tol:
+                    problems.append("D != score of I")
+                if float((Dq - ref_v).abs().max()) > tol:
+                    problems.append("top-k values differ")
+                differ = Iq != ref_i
+                # a differing id is fine only at a near-tie: both ids have the same reference score
+                tie_ok = (ref.gather(1, Iq) - ref.gather(1, ref_i)).abs() <= tol
+                if bool((differ & ~tie_ok).any()):
+                    problems.append("ids differ beyond ties")
+            n_ties = int(differ.sum()) if not problems else 0
+            row.check = "FAIL " + ", ".join(problems) if problems else f"ok ({n_ties} near-tie ids)"
+            row.failed = bool(problems)
+            del D, I, ref
+            row.triton_ms = ctx.bench(lambda: adc_topk(lut, codes, k, backend="triton", check=False))
+            row.torch_ms = ctx.bench(lambda: torch_adc_topk(lut, codes, k))
+            row.nbytes = N * M + lut.numel() * 4 + nq * k * (4 + 8)
+
+        ctx.case("adc_topk", f"nq={nq} N={N} M={M} K={K} k={k}", run)
+
+
+def _assign_sizes(ctx):
+    # (n, D, M, K): ds = 8 (broadcast path), ds = 24 (tl.dot path, padded to 32), ds = 1, K = 7
+    if ctx.size == "dry":
+        return [(70, 24, 3, 16), (33, 24, 1, 256), (20, 3, 3, 7)]
+    n = 1_000_000 if ctx.size == "full" else 100_000
+    return [(n, 768, 96, 256), (n, 768, 32, 256), (100_003, 96, 96, 256), (100_003, 96, 12, 7)]
+
+
+def _near_tie_mismatches(x, C, got, ref) -> tuple[int, int]:
+    """(near-tie mismatches, real mismatches): a mismatch is a near-tie when the chosen
+    centroid's float64 distance is within 1e-5 relative of the best one."""
+    import numpy as np
+
+    M, K, ds = C.shape
+    xs = x.astype(np.float64).reshape(-1, M, ds)
+    ties = bad = 0
+    for r, m in np.argwhere(got != ref):
+        d = ((xs[r, m] - C[m].astype(np.float64)) ** 2).sum(-1)
+        if d[got[r, m]] <= d[ref[r, m]] * (1 + 1e-5) + 1e-12:
+            ties += 1
+        else:
+            bad += 1
+    return ties, bad
+
+
+def section_assign(ctx):
+    import numpy as np
+    import torch
+    from jpq.kernels import assign
+    from jpq.kernels.assign import assign_reference
+    from jpq.kernels.assign_triton import assign_triton
+
+    for n, D, M, K in _assign_sizes(ctx):
+
+        def run(row, n=n, D=D, M=M, K=K):
+            ds = D // M
+            g = _generator(ctx, 1)
+            # data near the centroids, as in a trained quantizer: centroid + small noise
+            C = torch.randn((M, K, ds), generator=g, device=ctx.device)
+            pick = torch.randint(0, K, (n, M), generator=g, device=ctx.device)
+            x = C[torch.arange(M, device=ctx.device), pick].reshape(n, D)
+            x += 0.3 * torch.randn((n, D), generator=g, device=ctx.device)
+            codes = assign(x, C, backend="triton")
+            rows = np.sort(np.random.default_rng(0).choice(n, min(n, 4096), replace=False))
+            x_s, C_np = x[rows].cpu().numpy(), C.cpu().numpy()
+            ref = assign_reference(x_s, C_np)
+            ties, bad = _near_tie_mismatches(x_s, C_np, codes[rows].cpu().numpy(), ref)
+            row.check = f"ok ({ties} near-ties)" if not bad else f"FAIL {bad} codes differ ({ties} near-ties)"
+            row.failed = bad > 0
+            del codes, pick
+            row.triton_ms = ctx.bench(lambda: assign_triton(x, C))
+            row.torch_ms = ctx.bench(lambda: torch_assign(x, C))
+            row.nbytes = x.numel() * 4 + C.numel() * 4 + n * M
+
+        ctx.case("assign", f"n={n} D={D} M={M} K={K}", run)
+
+
+def section_ste(ctx):
+    """Fused straight-through quantize-and-score (jpq.kernels.quantize_and_score), forward +
+    backward, against x_hat = C[arange(M), codes].reshape(n, D); s = q @ x_hat.T."""
+    try:
+        from jpq.kernels import quantize_and_score
+    except ImportError:
+        try:
+            from jpq.kernels.ste import quantize_and_score
+        except ImportError:
+            print("[ste] jpq.kernels.quantize_and_score not found: section skipped")
+            return
+    import torch
+
+    def plain(q, C, codes):
+        M, _, ds = C.shape
+        x_hat = C[torch.arange(M, device=C.device), codes.long()].reshape(codes.shape[0], M * ds)
+        return q @ x_hat.T
+
+    sizes = [(3, 50, 24, 3, 16)] if ctx.size == "dry" else [(64, 100_000, 768, 96, 256), (256, 100_003, 768, 48, 256)]
+    for nq, n, D, M, K in sizes:
+
+        def run(row, nq=nq, n=n, D=D, M=M, K=K):
+            ds = D // M
+            g = _generator(ctx, 2)
+            q0 = torch.randn((nq, D), generator=g, device=ctx.device)
+            C0 = torch.randn((M, K, ds), generator=g, device=ctx.device)
+            codes = torch.randint(0, K, (n, M), generator=g, device=ctx.device, dtype=torch.uint8)
+            grad_s = torch.randn((nq, n), generator=g, device=ctx.device)
+
+            def fwd_bwd(fn, dtype):
+                q = q0.to(dtype).clone().requires_grad_()  # fresh leaves: q0/C0 stay untouched
+                C = C0.to(dtype).clone().requires_grad_()
+                s = fn(q, C, codes)
+                s.backward(grad_s.to(dtype))
+                return s.detach(), q.grad, C.grad
+
+            got = fwd_bwd(lambda q, C, c: quantize_and_score(q, C, codes=c), torch.float32)
+            ref = fwd_bwd(plain, torch.float64)
+            # Frobenius-relative error against a float64 reference: the reductions are long
+            # (D for s, n for dq, nq * n / K for dC) and their order differs from torch's
+            errs = [float((a.double() - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, ref)]
+            worst = max(errs)
+            ok = worst <= 1e-5
+            row.check = f"{'ok' if ok else 'FAIL'} (rel err s/dq/dC {errs[0]:.0e}/{errs[1]:.0e}/{errs[2]:.0e})"
+            row.failed = not ok
+            q = q0.clone().requires_grad_()
+            C = C0.clone().requires_grad_()
+
+            def step(fn):
+                def go():
+                    fn(q, C, codes).backward(grad_s)
+
+                return go
+
+            row.triton_ms = ctx.bench(step(lambda q, C, c: quantize_and_score(q, C, codes=c)), grad_to_none=[q, C])
+            row.torch_ms = ctx.bench(step(plain), grad_to_none=[q, C])
+
+        ctx.case("ste fwd+bwd", f"nq={nq} n={n} D={D} M={M} K={K}", run)
+
+
+SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste]
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 100,000 instead of 1,000,000")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes under the CPU interpreter")
+    parser.add_argument("--sections", default="", help="comma-separated substrings of section names")
+    parser.add_argument("--no-save", action="store_true", help=f"do not append to {RESULTS}")
+    args = parser.parse_args(argv)
+
+    # TRITON_INTERPRET is read when triton is imported: decide before anything imports it
+    if args.cpu_dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 0
+    import triton
+
+    import jpq
+
+    if args.cpu_dry_run:
+        device, name = torch.device("cpu"), f"CPU interpreter ({platform.processor() or platform.machine()})"
+    else:
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+    size = "dry" if args.cpu_dry_run else "quick" if args.quick else "full"
+    ctx = Context(device=device, size=size, peak=None if args.cpu_dry_run else hbm_peak(name))
+
+    wanted = [s for s in args.sections.split(",") if s]
+    for section in SECTIONS:
+        if wanted and not any(w in section.__name__ for w in wanted):
+            continue
+        section(ctx)
+
+    peak = f"HBM peak {ctx.peak / 1e12:.2f} TB/s" if ctx.peak else "HBM peak unknown"
+    header = (
+        f"## {datetime.datetime.now().isoformat(timespec='seconds')}: {name} ({peak}), sizes={size}\n\n"
+        f"torch {torch.__version__}, triton {triton.__version__}, jpq {jpq.__version__}, "
+        f"CUDA {torch.version.cuda}; medians of triton.testing.do_bench; GB/s = compulsory bytes "
+        f"(codes + LUT + output, or x + centroids + codes) / triton time."
+    )
+    table = markdown_table(ctx, header)
+    print()
+    print(table)
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as f:
+            f.write(table + "\n")
+        print(f"appended to {RESULTS}")
+    return 1 if any(r.failed for r in ctx.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Load retrieval datasets in BEIR layout (local folder or the public BEIR archive).
+
+A BEIR folder holds::
+
+    corpus.jsonl     one JSON object a line: {"_id": str, "title": str, "text": str}
+    queries.jsonl    one JSON object a line: {"_id": str, "text": str}
+    qrels/<split>.tsv  header "query-id<TAB>corpus-id<TAB>score", then one pair a line
+
+`load_beir("path/to/scifact")` reads a folder; `load_beir("scifact")` (a known BEIR name
+that is not an existing folder) downloads the archive once into `~/.cache/jpq/beir`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+DEFAULT_CACHE_DIR = Path("~/.cache/jpq/beir")
+
+# Public BEIR archives. "cqadupstack" unzips into one folder per forum: load it as
+# "cqadupstack/android", "cqadupstack/english", ...
+BEIR_DATASETS = frozenset({
+    "msmarco", "trec-covid", "nfcorpus", "nq", "hotpotqa", "fiqa", "arguana",
+    "webis-touche2020", "cqadupstack", "quora", "dbpedia-entity", "scidocs", "fever",
+    "climate-fever", "scifact",
+})
+
+
+@dataclass
+class BeirDataset:
+    """A retrieval dataset: corpus, queries and relevance judgments per split.
+
+    Attributes:
+        corpus_ids: document ids, in corpus.jsonl order; row i of a document-embedding
+            matrix is document `corpus_ids[i]`.
+        corpus_texts: `title + " " + text`, stripped (just `text` when there is no title).
+        query_ids: query ids, in queries.jsonl order.
+        query_texts: query texts, stripped.
+        qrels: split name -> {query_id: {doc_id: relevance}}. Rows with relevance <= 0 are
+            kept; metrics count a document as relevant when its relevance is > 0.
+        name: the dataset's name (the folder name).
+        path: the folder it was read from.
+    """
+
+    corpus_ids: list[str]
+    corpus_texts: list[str]
+    query_ids: list[str]
+    query_texts: list[str]
+    qrels: dict[str, dict[str, dict[str, int]]]
+    name: str
+    path: str
+    _doc_rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _query_rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False,
+                                          compare=False)
+
+    def split_query_ids(self, split: str) -> list[str]:
+        """Ids of the queries judged in `split`, in queries.jsonl order."""
+        if split not in self.qrels:
+            raise ValueError(f"split={split!r} is not loaded; available: {sorted(self.qrels)}")
+        judged = self.qrels[split]
+        return [qid for qid in self.query_ids if qid in judged]
+
+    def query_index(self, ids: Iterable[str]) -> np.ndarray:
+        """Row positions of query `ids` in `query_ids`: shape=(len(ids),), dtype=np.int64."""
+        if self._query_rows is None:
+            self._query_rows = {qid: i for i, qid in enumerate(self.query_ids)}
+        return _rows(self._query_rows, ids, "query")
+
+    def doc_index(self, ids: Iterable[str]) -> np.ndarray:
+        """Row positions of document `ids` in `corpus_ids`: shape=(len(ids),), dtype=np.int64."""
+        if self._doc_rows is None:
+            self._doc_rows = {did: i for i, did in enumerate(self.corpus_ids)}
+        return _rows(self._doc_rows, ids, "document")
+
+    def fingerprint(self, part: str = "all") -> str:
+        """Hex sha256 of the ids and texts, a cache key for embeddings.
+
+        Args:
+            part: "corpus" (key for document embeddings), "queries" (query embeddings) or
+                "all" (both). Qrels are not hashed: they do not change any embedding.
+        """
+        if part not in ("all", "corpus", "queries"):
+            raise ValueError(f"part must be 'all', 'corpus' or 'queries', got {part!r}")
+        if part == "all":
+            return hashlib.sha256(
+                (self.fingerprint("corpus") + self.fingerprint("queries")).encode()).hexdigest()
+        if part not in self._fingerprints:
+            ids, texts = ((self.corpus_ids, self.corpus_texts) if part == "corpus"
+                          else (self.query_ids, self.query_texts))
+            h = hashlib.sha256(part.encode())
+            for i, t in zip(ids, texts):
+                # \x1f / \x1e separate fields and records, so ("a", "bc") != ("ab", "c").
+                h.update(i.encode("utf-8") + b"\x1f" + t.encode("utf-8") + b"\x1e")
+            self._fingerprints[part] = h.hexdigest()
+        return self._fingerprints[part]
+
+
+def _rows(table: dict[str, int], ids: Iterable[str], what: str) -> np.ndarray:
+    if isinstance(ids, str):
+        raise TypeError(f"ids must be a sequence of {what} ids, not a single string {ids!r}")
+    ids = list(ids)
+    missing = [i for i in ids if i not in table]
+    if missing:
+        raise ValueError(f"{len(missing)} unknown {what} id(s), e.g. {missing[:5]}")
+    return np.fromiter((table[i] for i in ids), dtype=np.int64, count=len(ids))
+
+
+def load_beir(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+              splits: Sequence[str] | None = None, *, base_url: str = BEIR_URL,
+              progress: bool = True) -> BeirDataset:
+    """Load a BEIR dataset from a folder, or download it by name.
+
+    Args:
+        path_or_name: a BEIR folder, or a known BEIR dataset name (see `BEIR_DATASETS`;
+            "cqadupstack/<forum>" for a CQADupStack forum) when no such folder exists.
+        cache_dir: where downloads go; default `~/.cache/jpq/beir`.
+        splits: qrels splits to read (e.g. ["test"]); None reads every `qrels/*.tsv`.
+        base_url: archive URL with a `{name}` field (tests point it at a `file://` URL).
+        progress: show a tqdm bar while downloading.
+
+    Raises:
+        FileNotFoundError: a required file is missing (the message names it).
+        ValueError: a malformed line (the message names the file and line number).
+        RuntimeError: the download failed.
+    """
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise TypeError(f"path_or_name must be a str or path, got {type(path_or_name).__name__}")
+    if isinstance(splits, str):
+        raise TypeError(f"splits must be a sequence of split names, got the string {splits!r}")
+    folder = Path(path_or_name).expanduser()
+    if not folder.is_dir():
+        name = str(path_or_name)
+        if name.split("/")[0].lower() not in BEIR_DATASETS:
+            raise FileNotFoundError(
+                f"{name!r} is neither a folder nor a known BEIR dataset name "
+                f"({', '.join(sorted(BEIR_DATASETS))})")
+        folder = download_beir(name, cache_dir, base_url=base_url, progress=progress)
+
+    corpus_ids, corpus_texts = _read_jsonl(folder / "corpus.jsonl", title=True)
+    query_ids, query_texts = _read_jsonl(folder / "queries.jsonl", title=False)
+    if splits is None:
+        files = sorted((folder / "qrels").glob("*.tsv"))
+        if not files:
+            raise FileNotFoundError(f"no qrels/*.tsv file in {folder}")
+    else:
+        files = [folder / "qrels" / f"{s}.tsv" for s in splits]
+    known_docs, known_queries = set(corpus_ids), set(query_ids)
+    qrels = {f.stem: _read_qrels(f, known_queries, known_docs) for f in files}
+    return BeirDataset(corpus_ids, corpus_texts, query_ids, query_texts, qrels,
+                       name=folder.name, path=str(folder))
+
+
+def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str]]:
+    """Read (`_id`, text) pairs; with `title`, the text is `title + " " + text`."""
+    if not file.is_file():
+        raise FileNotFoundError(f"missing BEIR file: {file}")
+    ids, texts, seen = [], [], set()
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                _id = str(obj["_id"])
+                text = str(obj.get("text") or "")
+                head = str(obj.get("title") or "") if title else ""
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{file}:{lineno}: malformed line "
+                                 f"(want a JSON object with '_id'): {e!r}") from None
+            if _id in seen:
+                raise ValueError(f"{file}:{lineno}: duplicate _id {_id!r}")
+            seen.add(_id)
+            ids.append(_id)
+            texts.append(f"{head} {text}".strip() if head.strip() else text.strip())
+    return ids, texts
+
+
+def _read_qrels(file: Path, known_queries: set[str],
+                known_docs: set[str]) -> dict[str, dict[str, int]]:
+    """Read one qrels TSV, dropping (with a warning) pairs whose ids are unknown."""
+    if not file.is_file():
+        raise FileNotFoundError(f"missing BEIR qrels file: {file}")
+    qrels: dict[str, dict[str, int]] = {}
+    dropped = 0
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or (lineno == 1 and line.startswith("query-id")):
+                continue
+            cols = line.rstrip("\r\n").split("\t")
+            try:
+                if len(cols) != 3:
+                    raise ValueError(f"{len(cols)} columns")
+                qid, did, score = cols[0], cols[1], int(cols[2])
+            except ValueError as e:
+                raise ValueError(f"{file}:{lineno}: malformed qrels line "
+                                 f"(want query-id<TAB>corpus-id<TAB>integer score): {e}") from None
+            if qid not in known_queries or did not in known_docs:
+                dropped += 1
+                continue
+            qrels.setdefault(qid, {})[did] = score
+    if dropped:
+        logger.warning("%s: dropped %d qrels pair(s) whose query or document id is unknown",
+                       file, dropped)
+    return qrels
+
+
+def download_beir(name: str, cache_dir: str | os.PathLike | None = None, *,
+                  base_url: str = BEIR_URL, progress: bool = True) -> Path:
+    """Download and unzip a BEIR dataset once; return its folder.
+
+    The archive goes to `cache_dir/<name>.zip.part`, is unzipped into a temporary folder
+    next to the final one and renamed into place, so an interrupted run never leaves a
+    half-extracted dataset behind. An existing folder is reused without any network call.
+
+    Raises:
+        RuntimeError: the archive could not be downloaded or is not a zip file.
+    """
+    archive, _, sub = name.partition("/")
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    target = cache / archive
+    if not target.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        url = base_url.format(name=archive)
+        part = cache / f"{archive}.zip.part"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{archive}-", dir=cache))
+        try:
+            logger.info("downloading BEIR dataset %r from %s", archive, url)
+            _fetch(url, part, progress)
+            with zipfile.ZipFile(part) as z:
+                z.extractall(tmp)
+            # The archives hold one top folder named like the dataset; accept a flat one too.
+            entries = list(tmp.iterdir())
+            src = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+            try:
+                src.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a concurrent download that finished first
+                    raise
+        except (urllib.error.URLError, OSError, zipfile.BadZipFile) as e:
+            raise RuntimeError(
+                f"could not download BEIR dataset {archive!r} from {url} ({e}); "
+                "download and unzip it yourself and pass the local folder instead") from e
+        finally:
+            part.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / sub if sub else target
+
+
+def _fetch(url: str, dest: Path, progress: bool) -> None:
+    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as out:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.removesuffix(".part"),
+                  disable=not progress) as bar:
+            while chunk := r.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))

@@ -1,0 +1,394 @@
+"""`jpq.PQIndex`: a product-quantization index a faiss user recognises, on jpq's kernels.
+
+    index = jpq.PQIndex(d=768, M=96, nbits=8, metric="ip")   # or opq=True
+    index.train(xt); index.add(xb)
+    D, I = index.search(xq, k)        # D (nq, k) float32, I (nq, k) int64, -1 padding
+    index.save("docs.jpq"); index = jpq.PQIndex.load("docs.jpq")
+    faiss_index = index.to_faiss(); jpq.PQIndex.from_faiss(faiss_index)
+
+Codes are kept unpacked, one uint8 per sub-quantizer (also for nbits < 8), which is what the
+ADC kernels read; `to_faiss` packs them into faiss' bit layout and `from_faiss` unpacks them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from .kernels import adc_topk, assign, build_lut
+from .kernels.arrays import (
+    array_kind,
+    check_codes,
+    check_float_matrix,
+    check_k,
+    check_metric,
+    to_numpy_codes,
+    to_numpy_f32,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_MAGIC = b"JPQINDEX"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- k-means
+def train_pq_centroids(x: np.ndarray, M: int, K: int, niter: int = 25, seed: int = 1234) -> np.ndarray:
+    """Lloyd k-means in every subspace at once, on the assign kernel.
+
+    x: shape=(n, D) float32 with n >= K -> centroids shape=(M, K, D // M) float32.
+    Initialisation: K distinct training points per subspace drawn with `seed`. An empty cluster
+    is re-seeded with the point farthest from its centroid in the largest cluster (split),
+    so every centroid ends up used when n >= K.
+    """
+    n, D = x.shape
+    ds = D // M
+    rng = np.random.default_rng(seed)
+    xs = x.reshape(n, M, ds)
+    C = np.stack([xs[rng.choice(n, K, replace=False), m] for m in range(M)]).astype(np.float32)
+    flat = torch.from_numpy(np.ascontiguousarray(xs.reshape(n * M, ds)))
+    offsets = (np.arange(M, dtype=np.int64) * K)[None, :]
+    for _ in range(niter):
+        codes = assign(x, C)
+        slot = torch.from_numpy((codes.astype(np.int64) + offsets).reshape(-1))
+        sums = torch.zeros(M * K, ds, dtype=torch.float64).index_add_(0, slot, flat.double())
+        counts = torch.bincount(slot, minlength=M * K).reshape(M, K).numpy()
+        newC = (sums.numpy().reshape(M, K, ds) / np.maximum(counts, 1)[..., None]).astype(np.float32)
+        newC[counts == 0] = C[counts == 0]
+        for m, k in zip(*np.nonzero(counts == 0)):
+            big = int(counts[m].argmax())  # split the largest cluster of this subspace
+            members = np.nonzero(codes[:, m] == big)[0]
+            far = members[((xs[members, m] - newC[m, big]) ** 2).sum(-1).argmax()]
+            newC[m, k] = xs[far, m]
+            counts[m, big] -= 1
+            counts[m, k] = 1
+        C = newC
+    return C
+
+
+# --------------------------------------------------------------------------- bit packing
+def pack_codes(codes: np.ndarray, nbits: int) -> np.ndarray:
+    """(n, M) uint8 codes -> (n, ceil(M * nbits / 8)) uint8, faiss' LSB-first bit layout."""
+    n, M = codes.shape
+    if nbits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    bits = (codes[:, :, None] >> np.arange(nbits, dtype=np.uint8)) & 1  # (n, M, nbits) LSB first
+    return np.packbits(bits.reshape(n, M * nbits).astype(np.uint8), axis=1, bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, M: int, nbits: int) -> np.ndarray:
+    """Inverse of `pack_codes`."""
+    if nbits == 8:
+        return np.ascontiguousarray(packed[:, :M], dtype=np.uint8)
+    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, : M * nbits].reshape(-1, M, nbits)
+    return (bits << np.arange(nbits, dtype=np.uint8)).sum(-1).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- index
+class PQIndex:
+    """Product-quantization index with ADC search.
+
+    Args:
+        d: vector dimension.
+        M: number of sub-quantizers; d must be divisible by M.
+        nbits: bits per sub-quantizer code, 1..8 (K = 2**nbits centroids each).
+        metric: "ip" (inner product, larger is better) or "l2" (squared L2, smaller is better).
+        opq: learn an OPQ rotation (faiss.OPQMatrix) before PQ in `train`.
+    """
+
+    def __init__(self, d: int, M: int, nbits: int = 8, metric: str = "ip", opq: bool = False):
+        for name, v in (("d", d), ("M", M), ("nbits", nbits)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if d < 1 or M < 1:
+            raise ValueError(f"d and M must be >= 1, got d={d}, M={M}")
+        if d % M:
+            raise ValueError(f"d={d} is not divisible by M={M}")
+        if not 1 <= nbits <= 8:
+            raise ValueError(f"nbits must be in 1..8 (uint8 codes), got {nbits}")
+        self.d, self.M, self.nbits = int(d), int(M), int(nbits)
+        self.metric = check_metric(metric)
+        self.opq = bool(opq)
+        self.centroids: np.ndarray | None = None  # (M, K, d // M) float32
+        self.rotation: np.ndarray | None = None  # (d, d) float32; x_rot = x @ rotation.T
+        self.codes = np.empty((0, self.M), np.uint8)  # (ntotal, M) uint8
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def K(self) -> int:
+        return 1 << self.nbits
+
+    @property
+    def dsub(self) -> int:
+        return self.d // self.M
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def is_trained(self) -> bool:
+        return self.centroids is not None
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per vector in faiss' packed layout."""
+        return (self.M * self.nbits + 7) // 8
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        return (f"PQIndex(d={self.d}, M={self.M}, nbits={self.nbits}, metric={self.metric!r}, "
+                f"opq={self.opq}, ntotal={self.ntotal})")
+
+    # ------------------------------------------------------------------ helpers
+    def _vectors(self, name: str, x) -> np.ndarray:
+        array_kind(**{name: x})
+        check_float_matrix(name, x)
+        if x.shape[1] != self.d:
+            raise ValueError(f"{name} must have shape (n, {self.d}), got {tuple(x.shape)}")
+        return to_numpy_f32(x)
+
+    def _require_trained(self):
+        if not self.is_trained:
+            raise RuntimeError("the index is not trained: call train(x) or load a trained index first")
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """Apply the OPQ rotation (identity without OPQ). x: (n, d) float32."""
+        return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
+
+    # ------------------------------------------------------------------ faiss-like API
+    def train(self, x, niter: int = 25, seed: int = 1234, max_train_points: int | None = 65536,
+              opq_iterations: int = 20):
+        """Learn the (optional) OPQ rotation and the PQ centroids from x (n, d), n >= 2**nbits.
+
+        niter: k-means iterations per subspace; opq_iterations: OPQ alternations (faiss default 50;
+        20 reached the same reconstruction error within 1% on the SciFact MiniLM vectors).
+        """
+        x = self._vectors("x", x)
+        if x.shape[0] < self.K:
+            raise ValueError(f"training needs at least K={self.K} vectors, got {x.shape[0]}")
+        if max_train_points is not None and x.shape[0] > max_train_points:
+            rng = np.random.default_rng(seed)
+            x = x[np.sort(rng.choice(x.shape[0], max_train_points, replace=False))]
+        if self.opq:
+            import faiss
+
+            opq = faiss.OPQMatrix(self.d, self.M)
+            opq.niter = opq_iterations
+            pq = faiss.ProductQuantizer(self.d, self.M, self.nbits)
+            pq.cp.min_points_per_centroid = 1  # small training sets are fine; no stderr warning
+            opq.pq = pq
+            opq.train(x)
+            self.rotation = faiss.vector_to_array(opq.A).reshape(self.d, self.d).astype(np.float32)
+        self.centroids = train_pq_centroids(self.rotate(x), self.M, self.K, niter=niter, seed=seed)
+        return self
+
+    def encode(self, x) -> np.ndarray:
+        """(n, d) float -> (n, M) uint8 codes (also `sa_encode`)."""
+        self._require_trained()
+        return assign(self.rotate(self._vectors("x", x)), self.centroids)
+
+    sa_encode = encode
+
+    def decode(self, codes) -> np.ndarray:
+        """(n, M) uint8 codes -> (n, d) float32 reconstructions in the original space."""
+        self._require_trained()
+        array_kind(codes=codes)
+        codes = to_numpy_codes(check_codes(codes, self.M, self.K))
+        x = self.centroids[np.arange(self.M)[None, :], codes].reshape(len(codes), self.d)
+        return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation)
+
+    sa_decode = decode
+
+    def add(self, x):
+        """Encode x (n, d) and append; ids continue from ntotal."""
+        self.add_codes(self.encode(x))
+
+    def add_codes(self, codes):
+        self._require_trained()
+        array_kind(codes=codes)
+        self.codes = np.concatenate([self.codes, to_numpy_codes(check_codes(codes, self.M, self.K))])
+
+    def reset(self):
+        self.codes = np.empty((0, self.M), np.uint8)
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        if not 0 <= int(i) < self.ntotal:
+            raise IndexError(f"id {i} out of range [0, {self.ntotal})")
+        return self.decode(self.codes[int(i) : int(i) + 1])[0]
+
+    def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
+        n = self.ntotal - i0 if n is None else n
+        if i0 < 0 or n < 0 or i0 + n > self.ntotal:
+            raise IndexError(f"range [{i0}, {i0 + n}) out of [0, {self.ntotal})")
+        return self.decode(self.codes[i0 : i0 + n])
+
+    def lut(self, q, backend: str = "auto"):
+        """Query look-up tables (nq, M, K) for q (nq, d), after the rotation."""
+        self._require_trained()
+        return build_lut(self.rotate(self._vectors("q", q)), self.centroids, self.metric, backend=backend)
+
+    def search(self, q, k: int, backend: str = "auto"):
+        """k nearest codes by ADC. q: (nq, d) float32 NumPy or torch.
+
+        Returns D (nq, k) float32 (inner products, or squared L2 distances) and I (nq, k) int64,
+        best first, -1 ids (and -FLT_MAX / +FLT_MAX scores) past ntotal; torch in, torch out.
+        """
+        kind = array_kind(q=q)
+        k = check_k(k)
+        # the LUT is a small GEMM on the CPU; `backend` picks the scan path over the codes
+        lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
+        D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False)
+        return kind.wrap(D), kind.wrap(I)
+
+    # ------------------------------------------------------------------ persistence
+    def _arrays(self) -> dict:
+        arrays = {"codes": self.codes}
+        if self.centroids is not None:
+            arrays["centroids"] = self.centroids
+        if self.rotation is not None:
+            arrays["rotation"] = self.rotation
+        return arrays
+
+    def save(self, path):
+        """Write a versioned, checksummed file atomically (temp file + rename in the same folder).
+
+        Layout: 8-byte magic, uint32 header length, JSON header (format version, parameters,
+        array table, sha256 of the payload), then the raw little-endian arrays.
+        """
+        payload = io.BytesIO()
+        table = {}
+        for name, a in self._arrays().items():
+            a = np.ascontiguousarray(a)
+            table[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": payload.tell(),
+                           "nbytes": a.nbytes}
+            payload.write(a.tobytes())
+        body = payload.getvalue()
+        header = json.dumps({
+            "format": "jpq.PQIndex", "version": FORMAT_VERSION, "d": self.d, "M": self.M,
+            "nbits": self.nbits, "metric": self.metric, "opq": self.opq, "arrays": table,
+            "payload_nbytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+        }).encode()
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpq", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(FORMAT_MAGIC)
+                f.write(len(header).to_bytes(4, "little"))
+                f.write(header)
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "PQIndex":
+        """Read a file written by `save`; a foreign, truncated or corrupted file raises ValueError."""
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            blob = f.read()
+        if blob[: len(FORMAT_MAGIC)] != FORMAT_MAGIC:
+            raise ValueError(f"{path} is not a jpq index file (bad magic bytes)")
+        pos = len(FORMAT_MAGIC)
+        if len(blob) < pos + 4:
+            raise ValueError(f"{path} is truncated: the header is missing")
+        hlen = int.from_bytes(blob[pos : pos + 4], "little")
+        pos += 4
+        if len(blob) < pos + hlen:
+            raise ValueError(f"{path} is truncated: the header is incomplete")
+        try:
+            header = json.loads(blob[pos : pos + hlen])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} has a corrupted header: {e}") from None
+        if header.get("format") != "jpq.PQIndex":
+            raise ValueError(f"{path} is not a jpq PQIndex file (format {header.get('format')!r})")
+        if header.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {header.get('version')}; this jpq reads "
+                             f"version {FORMAT_VERSION}")
+        body = blob[pos + hlen :]
+        if len(body) != header["payload_nbytes"]:
+            raise ValueError(f"{path} is truncated: payload has {len(body)} of "
+                             f"{header['payload_nbytes']} bytes")
+        if hashlib.sha256(body).hexdigest() != header["sha256"]:
+            raise ValueError(f"{path} is corrupted: sha256 checksum mismatch")
+        index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"])
+        for name, spec in header["arrays"].items():
+            a = np.frombuffer(body, dtype=np.dtype(spec["dtype"]), count=int(np.prod(spec["shape"])),
+                              offset=spec["offset"]).reshape(spec["shape"]).copy()
+            setattr(index, name, a)
+        return index
+
+    # ------------------------------------------------------------------ faiss interop
+    def to_faiss(self):
+        """A faiss IndexPQ (or IndexPreTransform(OPQMatrix, IndexPQ)) with the same centroids and
+        codes, so faiss' search gives the same results."""
+        import faiss
+
+        self._require_trained()
+        fmetric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+        pq_index = faiss.IndexPQ(self.d, self.M, self.nbits, fmetric)
+        faiss.copy_array_to_vector(self.centroids.ravel(), pq_index.pq.centroids)
+        pq_index.is_trained = True
+        if self.ntotal:
+            packed = pack_codes(self.codes, self.nbits)
+            faiss.copy_array_to_vector(packed.ravel(), pq_index.codes)
+            pq_index.ntotal = self.ntotal
+        if self.rotation is None:
+            return pq_index
+        opq = faiss.OPQMatrix(self.d, self.M)
+        faiss.copy_array_to_vector(self.rotation.ravel(), opq.A)
+        opq.is_trained = True
+        out = faiss.IndexPreTransform(opq, pq_index)
+        out.is_trained = True
+        out.ntotal = self.ntotal  # faiss' Python wrapper keeps opq and pq_index alive
+        return out
+
+    @classmethod
+    def from_faiss(cls, index) -> "PQIndex":
+        """Build from a faiss IndexPQ, or an IndexPreTransform of one linear transform + IndexPQ."""
+        import faiss
+
+        rotation = None
+        if isinstance(index, faiss.IndexPreTransform):
+            if index.chain.size() != 1:
+                raise ValueError(f"expected one transform before the PQ, got {index.chain.size()}")
+            vt = faiss.downcast_VectorTransform(index.chain.at(0))
+            if not isinstance(vt, faiss.LinearTransform) or vt.d_in != vt.d_out:
+                raise ValueError(f"unsupported transform {type(vt).__name__}: need a square linear one")
+            if vt.have_bias:
+                raise ValueError("linear transforms with a bias are not supported")
+            rotation = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in).astype(np.float32)
+            index = faiss.downcast_index(index.index)
+        if not isinstance(index, faiss.IndexPQ):
+            raise TypeError(f"expected a faiss IndexPQ (optionally inside IndexPreTransform), got "
+                            f"{type(index).__name__}")
+        if index.metric_type == faiss.METRIC_INNER_PRODUCT:
+            metric = "ip"
+        elif index.metric_type == faiss.METRIC_L2:
+            metric = "l2"
+        else:
+            raise ValueError(f"unsupported faiss metric type {index.metric_type}")
+        pq = index.pq
+        if pq.nbits > 8:
+            raise ValueError(f"faiss index has nbits={pq.nbits}; jpq supports up to 8")
+        out = cls(index.d, pq.M, pq.nbits, metric, opq=rotation is not None)
+        out.rotation = rotation
+        if index.is_trained:
+            out.centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub).copy()
+        if index.ntotal:
+            packed = faiss.vector_to_array(index.codes).reshape(index.ntotal, pq.code_size)
+            out.codes = unpack_codes(packed, pq.M, pq.nbits)
+        return out

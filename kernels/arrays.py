@@ -1,0 +1,135 @@
+"""Input handling shared by every kernel: NumPy-or-torch in, the same kind out.
+
+Following faiss' `contrib/torch_utils.py`, the arguments of one call are all NumPy arrays or all
+torch tensors, never mixed. Kernels work internally on whichever representation their path needs;
+`ArrayKind` remembers what the caller gave so the result is returned in kind (and on its device).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FLOAT_MAX = float(np.finfo(np.float32).max)
+METRICS = ("ip", "l2")
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """What the caller passed: NumPy (device None) or torch on `device`."""
+
+    is_torch: bool
+    device: torch.device | None = None
+
+    def wrap(self, array):
+        """Return `array` (NumPy or torch) in the caller's kind."""
+        if self.is_torch:
+            if isinstance(array, np.ndarray):
+                array = torch.from_numpy(array)
+            return array.to(self.device)
+        if isinstance(array, torch.Tensor):
+            return array.detach().cpu().numpy()
+        return array
+
+
+def array_kind(**arrays) -> ArrayKind:
+    """Check that the named arguments are all NumPy or all torch and return that kind."""
+    kinds = {}
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            kinds[name] = ("torch", value.device)
+        elif isinstance(value, np.ndarray):
+            kinds[name] = ("numpy", None)
+        else:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(value).__name__}"
+            )
+    found = {k for k, _ in kinds.values()}
+    if len(found) > 1:
+        desc = ", ".join(f"{n}={k}" for n, (k, _) in kinds.items())
+        raise TypeError(f"arguments must be all NumPy arrays or all torch tensors, got {desc}")
+    devices = {d for k, d in kinds.values() if k == "torch"}
+    if len(devices) > 1:
+        raise ValueError(f"torch arguments are on different devices: {sorted(map(str, devices))}")
+    if found == {"torch"}:
+        return ArrayKind(True, devices.pop())
+    return ArrayKind(False)
+
+
+def check_float_matrix(name: str, x, ndim: int = 2, allow_nan: bool = False):
+    """Validate a floating array of `ndim` dims; returns it unchanged."""
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if isinstance(x, torch.Tensor):
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor (float32 expected), got {x.dtype}")
+        if not allow_nan and x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    else:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must be a floating array (float32 expected), got {x.dtype}")
+        if not allow_nan and x.size and not np.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def check_codes(codes, M: int, K: int, name: str = "codes"):
+    """Validate PQ codes: integer (N, M) with every value in [0, K)."""
+    if codes.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, M), got shape {tuple(codes.shape)}")
+    if codes.shape[1] != M:
+        raise ValueError(f"{name} has {codes.shape[1]} sub-quantizers per row, expected M={M}")
+    if isinstance(codes, torch.Tensor):
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (uint8 expected), got {codes.dtype}")
+        if codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+    else:
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array (uint8 expected), got {codes.dtype}")
+        if codes.size:
+            lo, hi = int(codes.min()), int(codes.max())
+    if (codes.numel() if isinstance(codes, torch.Tensor) else codes.size) and (lo < 0 or hi >= K):
+        raise ValueError(f"{name} values must lie in [0, {K}), found range [{lo}, {hi}]")
+    return codes
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return metric
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def to_numpy_f32(x) -> np.ndarray:
+    """C-contiguous float32 NumPy view/copy of a NumPy array or CPU tensor."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def to_numpy_codes(codes) -> np.ndarray:
+    """C-contiguous uint8 NumPy codes (values already checked to fit)."""
+    if isinstance(codes, torch.Tensor):
+        codes = codes.detach().cpu().numpy()
+    return np.ascontiguousarray(codes, dtype=np.uint8)
+
+# numba fast-math flags for every CPU kernel: reassociation and contraction (FMA) let loops
+# vectorise; "nnan"/"ninf" are left out on purpose, since heaps and running minima start at -inf/+inf.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}

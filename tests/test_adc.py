@@ -1,0 +1,135 @@
+"""ADC kernels: every path against the NumPy reference (build_lut, adc_scores, adc_topk)."""
+import numpy as np
+import pytest
+import torch
+
+from jpq.kernels import adc_scores, adc_topk, build_lut
+from jpq.kernels.adc import adc_scores_reference, build_lut_reference, topk_from_scores
+from kernel_cases import assert_topk_matches, backend_params, numpy_of, random_pq, shrink, to_kind
+from tolerances import assert_close
+
+BACKENDS = backend_params()
+
+# (M, K, ds, N, nq, k): powers of two and awkward sizes, empty, k > N, one and many queries
+SHAPES = [
+    (1, 256, 4, 17, 1, 5),
+    (2, 16, 3, 0, 3, 4),
+    (3, 7, 5, 100, 1, 150),
+    (8, 256, 2, 1000, 7, 10),
+    (16, 256, 1, 2049, 65, 20),
+    (96, 256, 8, 3001, 2, 100),
+    (96, 256, 8, 300, 64, 10),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("M,K,ds,N,nq,k", SHAPES)
+@pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch"])
+def test_adc_topk_matches_reference(backend, metric, M, K, ds, N, nq, k, as_torch):
+    rng = np.random.default_rng(M * 1000 + N + nq)
+    N = shrink(N, backend)
+    C, codes, q = random_pq(rng, M, K, ds, N, nq)
+    lut_ref = build_lut_reference(q, C, metric)
+    scores_ref = adc_scores_reference(lut_ref, codes)
+    D_ref, I_ref = topk_from_scores(scores_ref, k, metric)
+    lut_in, codes_in = to_kind([lut_ref, codes], as_torch)
+    D, I = adc_topk(lut_in, codes_in, k, metric=metric, backend=backend)
+    assert isinstance(D, torch.Tensor) == as_torch and isinstance(I, torch.Tensor) == as_torch
+    scale = np.abs(lut_ref).max() if lut_ref.size else 1.0
+    assert_topk_matches(D, I, D_ref, I_ref, scores_ref, atol=4e-6 * M * scale, metric=metric)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,K,ds,N,nq,k", SHAPES)
+def test_adc_scores_matches_reference(backend, M, K, ds, N, nq, k):
+    rng = np.random.default_rng(7 + M + N)
+    N = shrink(N, backend)
+    C, codes, q = random_pq(rng, M, K, ds, N, nq)
+    lut = build_lut_reference(q, C, "ip")
+    out = adc_scores(lut, codes, backend=backend)
+    assert out.shape == (nq, N) and out.dtype == np.float32
+    assert_close(out, adc_scores_reference(lut, codes), reduction_length=M, scale=np.abs(lut).max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("M,K,ds", [(1, 256, 4), (3, 7, 5), (96, 256, 8), (8, 16, 24)])
+def test_build_lut_matches_reference(backend, metric, M, K, ds):
+    rng = np.random.default_rng(M + K + ds)
+    C, _, q = random_pq(rng, M, K, ds, 0, nq=5)
+    lut = build_lut(q, C, metric=metric, backend=backend)
+    ref = build_lut_reference(q, C, metric)
+    assert lut.shape == (5, M, K) and lut.dtype == np.float32
+    assert_close(lut, ref, reduction_length=ds, scale=float(np.abs(ref).max()))
+    t = build_lut(torch.from_numpy(q), torch.from_numpy(C), metric=metric, backend=backend)
+    assert isinstance(t, torch.Tensor)
+    assert_close(t, ref, reduction_length=ds, scale=float(np.abs(ref).max()))
+
+
+def test_topk_ties_prefer_smaller_ids():
+    # every document has the same code -> every score ties; top-k must be ids 0..k-1 on CPU
+    lut = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    codes = np.zeros((50, 4), np.uint8)
+    for backend in ("reference", "cpu"):
+        D, I = adc_topk(lut, codes, 5, backend=backend)
+        np.testing.assert_array_equal(I, np.tile(np.arange(5), (2, 1)))
+
+
+def test_many_queries_take_several_tiles():
+    # nq > QUERIES_PER_TILE exercises the query tiling of the CPU path
+    from jpq.kernels.adc import QUERIES_PER_TILE
+
+    rng = np.random.default_rng(3)
+    C, codes, q = random_pq(rng, 4, 16, 2, 500, nq=QUERIES_PER_TILE * 2 + 3)
+    lut = build_lut_reference(q, C, "ip")
+    D, I = adc_topk(lut, codes, 7, backend="cpu")
+    scores = adc_scores_reference(lut, codes)
+    D_ref, I_ref = topk_from_scores(scores, 7, "ip")
+    assert_topk_matches(D, I, D_ref, I_ref, scores, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda lut, c: adc_topk(lut, c.astype(np.float32), 3), TypeError, "codes must be an integer"),
+        (lambda lut, c: adc_topk(lut.astype(np.int32), c, 3), TypeError, "lut must be a floating"),
+        (lambda lut, c: adc_topk(lut, c[:, :2], 3), ValueError, "expected M=4"),
+        (lambda lut, c: adc_topk(lut, np.full_like(c, 9), 3), ValueError, r"values must lie in \[0, 8\)"),
+        (lambda lut, c: adc_topk(lut, c, 0), ValueError, "k must be >= 1"),
+        (lambda lut, c: adc_topk(lut, c, 2.5), TypeError, "k must be an int"),
+        (lambda lut, c: adc_topk(lut, c, 3, metric="cos"), ValueError, "metric must be one of"),
+        (lambda lut, c: adc_topk(lut, c, 3, backend="gpu"), ValueError, "backend must be one of"),
+        (lambda lut, c: adc_topk(lut[0], c, 3), ValueError, "lut must have 3 dimensions"),
+        (lambda lut, c: adc_topk(torch.from_numpy(lut), c, 3), TypeError, "all NumPy arrays or all torch"),
+        (lambda lut, c: adc_topk(lut.tolist(), c, 3), TypeError, "lut must be a numpy.ndarray"),
+        (lambda lut, c: adc_scores(np.where(lut > 0, np.nan, lut), c), ValueError, "NaN"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, error, match):
+    rng = np.random.default_rng(0)
+    lut = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    codes = rng.integers(0, 8, (10, 4)).astype(np.uint8)
+    with pytest.raises(error, match=match):
+        call(lut, codes)
+
+
+def test_build_lut_rejects_bad_dimensions():
+    C = np.zeros((4, 8, 3), np.float32)
+    with pytest.raises(ValueError, match="D = M \\* ds = 12"):
+        build_lut(np.zeros((2, 13), np.float32), C)
+    with pytest.raises(ValueError, match="at most 256"):
+        build_lut(np.zeros((2, 12), np.float32), np.zeros((4, 300, 3), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        build_lut(np.full((2, 12), np.nan, np.float32), C)
+
+
+def test_named_triton_backend_raises_when_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    lut = np.zeros((1, 2, 4), np.float32)
+    codes = np.zeros((3, 2), np.uint8)
+    with pytest.raises(RuntimeError, match="triton"):
+        adc_topk(lut, codes, 1, backend="triton")
+    # auto falls back quietly to the CPU path
+    D, I = adc_topk(lut, codes, 1, backend="auto")
+    assert numpy_of(I).tolist() == [[0]]

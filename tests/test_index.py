@@ -1,0 +1,219 @@
+"""jpq.PQIndex: train/add/search/reconstruct, save/load, faiss interop, bad inputs."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import jpq
+from jpq.index import pack_codes, unpack_codes
+from jpq.kernels.adc import adc_scores_reference, build_lut_reference, topk_from_scores
+from kernel_cases import assert_topk_matches
+
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, 32)).astype(np.float32) * 3
+    x = (centers[rng.integers(0, 20, 3000)] + rng.standard_normal((3000, 32))).astype(np.float32)
+    q = (centers[rng.integers(0, 20, 25)] + rng.standard_normal((25, 32))).astype(np.float32)
+    return x, q
+
+
+def trained(x, metric="ip", nbits=8, opq=False, M=8):
+    index = jpq.PQIndex(x.shape[1], M, nbits=nbits, metric=metric, opq=opq)
+    index.train(x, niter=8, opq_iterations=5)
+    index.add(x)
+    return index
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_search_equals_reference_adc(data, metric, nbits):
+    x, q = data
+    index = trained(x, metric, nbits)
+    D, I = index.search(q, 10)
+    lut = build_lut_reference(q, index.centroids, metric)
+    scores = adc_scores_reference(lut, index.codes)
+    D_ref, I_ref = topk_from_scores(scores, 10, metric)
+    assert_topk_matches(D, I, D_ref, I_ref, scores, atol=1e-4, metric=metric)
+
+
+def test_pq_search_is_close_to_exact_search(data):
+    x, q = data
+    index = trained(x, "l2", M=16)
+    _, I = index.search(q, 1)
+    exact = ((q[:, None] - x[None]) ** 2).sum(-1).argsort(1)[:, :10]
+    hit = np.mean([I[i, 0] in exact[i] for i in range(len(q))])
+    assert hit >= 0.8, hit
+
+
+def test_k_larger_than_ntotal_pads_like_faiss(data):
+    x, q = data
+    index = jpq.PQIndex(32, 4, metric="ip")
+    index.train(x, niter=2)
+    index.add(x[:3])
+    D, I = index.search(q[:2], 6)
+    assert I.shape == (2, 6) and (I[:, 3:] == -1).all() and (I[:, :3] >= 0).all()
+    assert (D[:, 3:] == -np.finfo(np.float32).max).all()
+    empty = jpq.PQIndex(32, 4, metric="l2")
+    empty.centroids = index.centroids
+    D, I = empty.search(q[:2], 2)
+    assert (I == -1).all() and (D == np.finfo(np.float32).max).all()
+
+
+def test_torch_in_torch_out(data):
+    x, q = data
+    index = trained(x)
+    D, I = index.search(torch.from_numpy(q), 5)
+    assert isinstance(D, torch.Tensor) and I.dtype == torch.int64 and D.dtype == torch.float32
+    D2, I2 = index.search(q, 5)
+    np.testing.assert_array_equal(I.numpy(), I2)
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_reconstruct_matches_decode(data, opq):
+    x, _ = data
+    index = trained(x, "l2", opq=opq)
+    rec = index.reconstruct_n(0, 50)
+    np.testing.assert_allclose(index.reconstruct(7), rec[7], rtol=1e-6, atol=1e-6)
+    err = ((rec - x[:50]) ** 2).sum(1).mean() / (x[:50] ** 2).sum(1).mean()
+    assert err < 0.3, err
+    with pytest.raises(IndexError):
+        index.reconstruct(len(x))
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("opq", [False, True])
+@pytest.mark.parametrize("nbits", [8, 4, 5])
+def test_faiss_round_trip_identical_topk(data, metric, opq, nbits):
+    x, q = data
+    index = trained(x, metric, nbits=nbits, opq=opq)
+    D, I = index.search(q, 10)
+    f = index.to_faiss()
+    Df, If = f.search(q, 10)
+    lut = build_lut_reference(index.rotate(q), index.centroids, metric)
+    scores = adc_scores_reference(lut, index.codes)
+    assert_topk_matches(Df.astype(np.float32), If.astype(np.int64), D, I, scores, atol=1e-4, metric=metric)
+    back = jpq.PQIndex.from_faiss(f)
+    np.testing.assert_array_equal(back.codes, index.codes)
+    np.testing.assert_array_equal(back.centroids, index.centroids)
+    assert back.metric == metric and back.nbits == nbits and back.opq == opq
+    D2, I2 = back.search(q, 10)
+    np.testing.assert_array_equal(I2, I)
+
+
+def test_from_faiss_built_by_faiss(data):
+    x, q = data
+    f = faiss.IndexPQ(32, 8, 8, faiss.METRIC_INNER_PRODUCT)
+    f.train(x)
+    f.add(x)
+    ours = jpq.PQIndex.from_faiss(f)
+    D, I = ours.search(q, 10)
+    Df, If = f.search(q, 10)
+    lut = build_lut_reference(q, ours.centroids, "ip")
+    scores = adc_scores_reference(lut, ours.codes)
+    assert_topk_matches(D, I, Df.astype(np.float32), If.astype(np.int64), scores, atol=1e-4)
+    np.testing.assert_array_equal(ours.codes, faiss.vector_to_array(f.codes).reshape(-1, 8))
+
+
+def test_from_faiss_rejects_other_indexes():
+    with pytest.raises(TypeError, match="expected a faiss IndexPQ"):
+        jpq.PQIndex.from_faiss(faiss.IndexFlatL2(8))
+
+
+@pytest.mark.parametrize("nbits", [1, 3, 4, 5, 7, 8])
+def test_pack_unpack_round_trip(nbits):
+    rng = np.random.default_rng(nbits)
+    codes = rng.integers(0, 1 << nbits, (37, 5)).astype(np.uint8)
+    packed = pack_codes(codes, nbits)
+    assert packed.shape == (37, (5 * nbits + 7) // 8)
+    np.testing.assert_array_equal(unpack_codes(packed, 5, nbits), codes)
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_save_load_round_trip(tmp_path, data, opq):
+    x, q = data
+    index = trained(x, "l2", opq=opq)
+    path = tmp_path / "index.jpq"
+    index.save(path)
+    back = jpq.PQIndex.load(path)
+    assert repr(back) == repr(index)
+    np.testing.assert_array_equal(back.codes, index.codes)
+    np.testing.assert_array_equal(back.centroids, index.centroids)
+    np.testing.assert_array_equal(back.search(q, 5)[1], index.search(q, 5)[1])
+    assert [p.name for p in tmp_path.iterdir()] == ["index.jpq"]  # no temp file left behind
+
+
+def test_load_rejects_truncated_foreign_and_corrupted_files(tmp_path, data):
+    x, _ = data
+    index = trained(x)
+    path = tmp_path / "index.jpq"
+    index.save(path)
+    blob = path.read_bytes()
+    (tmp_path / "cut").write_bytes(blob[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        jpq.PQIndex.load(tmp_path / "cut")
+    (tmp_path / "cut2").write_bytes(blob[:10])
+    with pytest.raises(ValueError, match="truncated"):
+        jpq.PQIndex.load(tmp_path / "cut2")
+    (tmp_path / "foreign").write_bytes(b"\x89PNG\r\n\x1a\n" + blob[8:])
+    with pytest.raises(ValueError, match="not a jpq index"):
+        jpq.PQIndex.load(tmp_path / "foreign")
+    flipped = bytearray(blob)
+    flipped[-1] ^= 0xFF
+    (tmp_path / "flip").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        jpq.PQIndex.load(tmp_path / "flip")
+
+
+def test_failed_save_leaves_no_broken_file(tmp_path, data, monkeypatch):
+    x, _ = data
+    index = trained(x)
+    path = tmp_path / "index.jpq"
+    index.save(path)
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    index.add(x[:5])
+    with pytest.raises(OSError, match="disk full"):
+        index.save(path)
+    assert path.read_bytes() == before  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.jpq"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(d=10, M=3), ValueError, "not divisible"),
+        (dict(d=8, M=2, nbits=9), ValueError, "nbits must be in 1..8"),
+        (dict(d=8, M=2, metric="cosine"), ValueError, "metric must be one of"),
+        (dict(d=8.0, M=2), TypeError, "d must be an int"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jpq.PQIndex(**kwargs)
+
+
+def test_usage_errors(data):
+    x, q = data
+    index = jpq.PQIndex(32, 4)
+    with pytest.raises(RuntimeError, match="not trained"):
+        index.add(x)
+    with pytest.raises(ValueError, match="at least K=256"):
+        index.train(x[:100])
+    index.train(x, niter=2)
+    with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
+        index.add(x[:, :16])
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(np.full((1, 32), np.nan, np.float32), 1)
+    with pytest.raises(TypeError, match="floating"):
+        index.search(q.astype(np.int32), 1)
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 256\)"):
+        index.decode(np.full((1, 4), 300, np.int64))
