@@ -34,9 +34,10 @@ MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (here: M)
 def _partial_dot(x, c, USE_DOT: tl.constexpr):
     """x: (BLOCK_N, BLOCK_D), c: (BLOCK_K, BLOCK_D) -> x @ c.T, (BLOCK_N, BLOCK_K) float32."""
     if USE_DOT:
-        return tl.dot(x, tl.trans(c), input_precision="ieee")
+        xc = tl.dot(x, tl.trans(c), input_precision="ieee")
     else:
-        return tl.sum(x[:, None, :] * c[None, :, :], axis=2)
+        xc = tl.sum(x[:, None, :] * c[None, :, :], axis=2)
+    return xc
 
 
 @triton.jit
