@@ -4,5 +4,7 @@ Triton kernel, chosen by `backend="auto" | "triton" | "cpu" | "reference"`."""
 from .adc import adc_scores, adc_topk, build_lut
 from .assign import assign
 from .dispatch import BACKENDS, available_backends
+from .ste import quantize_and_score
 
-__all__ = ["build_lut", "adc_scores", "adc_topk", "assign", "BACKENDS", "available_backends"]
+__all__ = ["build_lut", "adc_scores", "adc_topk", "assign", "quantize_and_score", "BACKENDS",
+           "available_backends"]

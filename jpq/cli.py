@@ -1,0 +1,211 @@
+"""Command line: `jpq demo | train | index | search | eval` (also `python -m jpq ...`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+
+from .encoders import DEFAULT_MODEL
+
+log = logging.getLogger("jpq")
+
+
+def _common(p):
+    p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a BEIR name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="sentence-transformers model (default: %(default)s)")
+    p.add_argument("--embeddings", default=None,
+                   help="precomputed embeddings.npz (keys corpus, queries, corpus_ids, query_ids); "
+                        "default: a validated <data>-*/embeddings.npz sibling, else computed and cached")
+    p.add_argument("--cache", default=None, help="cache folder (default: $JPQ_CACHE or ~/.cache/jpq)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_args(p):
+    from .train import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name == "mode":
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"training: {f.name} (default: %(default)s)")
+
+
+def _config(args, **over):
+    from .train import TrainConfig
+
+    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+def _workspace(args):
+    from .pipeline import DEFAULT_CACHE, load_workspace
+
+    return load_workspace(args.data, args.model, args.embeddings,
+                          Path(args.cache) if args.cache else DEFAULT_CACHE, progress=not args.quiet)
+
+
+def cmd_demo(args):
+    ratios = [float(r) if "." in r else int(r) for r in args.ratios.split(",")]
+    t0 = time.perf_counter()
+    ws = _workspace(args)
+    out = Path(args.out)
+    if args.index == "tree":
+        from .tree import run_tree_demo
+
+        records = run_tree_demo(ws.dataset, ws.doc_emb, ws.query_emb, out, seed=args.seed, progress=not args.quiet)
+        print(json.dumps(records, indent=1))
+    else:
+        from .demo import results_table, run_demo
+
+        records = run_demo(ws, out, ratios=ratios, config=_config(args, mode="jpq"), seed=args.seed,
+                           progress=not args.quiet)
+        print(results_table(records, ws.dataset.name))
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out}/results.json")
+
+
+def cmd_index(args):
+    from .pipeline import build_index, m_for_ratio
+
+    ws = _workspace(args)
+    M = args.M or m_for_ratio(ws.d, args.ratio, args.nbits)
+    index = build_index(ws.doc_emb, M, opq=args.opq, nbits=args.nbits, seed=args.seed)
+    index.save(args.out)
+    print(f"{index} -> {args.out}")
+
+
+def cmd_train(args):
+    from .pipeline import build_index, m_for_ratio, train_run
+
+    ws = _workspace(args)
+    out = Path(args.out)
+    if args.index == "tree":
+        from .tree import train_tree_cli
+
+        train_tree_cli(ws, out, seed=args.seed, progress=not args.quiet)
+        return
+    index = None
+    if args.mode != "encoder":
+        M = args.M or m_for_ratio(ws.d, args.ratio)
+        index = build_index(ws.doc_emb, M, opq=True, seed=args.seed)
+    cfg = _config(args)
+    trainer, secs = train_run(ws, cfg, index, out, resume=args.resume, progress=not args.quiet)
+    if index is not None:
+        trainer.trained_index().save(out / "index.jpq")
+    if trainer.encoder is not None and args.mode != "centroids":
+        trainer.encoder.model.save(str(out / "query-encoder"))
+    print(json.dumps({"seconds": round(secs, 1), "best_epoch": trainer.state.best_epoch,
+                      "history": trainer.state.history}, indent=1))
+
+
+def _load_queries(args, ws):
+    from .encoders import SentenceEncoder
+
+    ids = ws.test_ids()
+    rows = ws.query_rows(ids)
+    if args.encoder:
+        enc = SentenceEncoder(args.encoder)
+        q = enc.encode([ws.dataset.query_texts[i] for i in rows])
+    else:
+        q = ws.query_emb[rows]
+    return ids, q
+
+
+def cmd_eval(args):
+    from .index import PQIndex
+    from .pipeline import evaluate_vectors
+
+    ws = _workspace(args)
+    ids, q = _load_queries(args, ws)
+    index = PQIndex.load(args.index) if args.index else None
+    print(json.dumps(evaluate_vectors(ws, q, index, ids), indent=1))
+
+
+def cmd_search(args):
+    from .encoders import SentenceEncoder
+    from .index import PQIndex
+
+    index = PQIndex.load(args.index)
+    enc = SentenceEncoder(args.encoder or args.model)
+    q = enc.encode(args.query)
+    D, I = index.search(q, args.k)
+    doc_ids = None
+    if args.data:
+        from .data import load_beir
+
+        doc_ids = load_beir(args.data).corpus_ids
+    for text, d, i in zip(args.query, D, I):
+        print(f"query: {text}")
+        for rank, (s, row) in enumerate(zip(d, i), 1):
+            if row >= 0:
+                print(f"  {rank:3d}. {doc_ids[row] if doc_ids else row}\t{s:.4f}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="jpq", description="PQ kernels and JPQ training for dense retrieval")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the quality-vs-compression table on a BEIR folder")
+    _common(d)
+    d.add_argument("--out", required=True)
+    d.add_argument("--ratios", default="16,32,64,96", help="compression ratios (default: %(default)s)")
+    d.add_argument("--index", choices=("pq", "tree"), default="pq")
+    _train_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="JPQ training (or the tree index with --index tree)")
+    _common(t)
+    t.add_argument("--out", required=True)
+    t.add_argument("--mode", choices=("jpq", "centroids", "encoder"), default="jpq")
+    t.add_argument("--index", choices=("pq", "tree"), default="pq")
+    t.add_argument("--M", type=int, default=None)
+    t.add_argument("--ratio", type=float, default=32)
+    t.add_argument("--resume", action="store_true")
+    _train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("index", help="build a (post-hoc) PQ/OPQ index of the corpus")
+    _common(i)
+    i.add_argument("--out", required=True)
+    i.add_argument("--M", type=int, default=None)
+    i.add_argument("--ratio", type=float, default=32)
+    i.add_argument("--nbits", type=int, default=8)
+    i.add_argument("--opq", action="store_true")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_index)
+
+    e = sub.add_parser("eval", help="test-split metrics of an index (exact search without --index)")
+    _common(e)
+    e.add_argument("--index", default=None)
+    e.add_argument("--encoder", default=None, help="a trained query encoder folder (from jpq train)")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("search", help="search an index with query texts")
+    s.add_argument("--index", required=True)
+    s.add_argument("--query", action="append", required=True)
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--encoder", default=None)
+    s.add_argument("--data", default=None, help="BEIR folder, to print document ids")
+    s.set_defaults(func=cmd_search)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

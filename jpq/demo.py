@@ -1,0 +1,140 @@
+"""`jpq demo`: the main job. On a BEIR folder, compare at several compression ratios
+
+    uncompressed | uncompressed-trained | faiss-style PQ | OPQ | JPQ centroids-only | JPQ full
+
+on the test split (nDCG@10, MRR@10, Recall@100), training on the train split only with the same
+default hyper-parameters for every dataset. Writes results.json (one record per method and
+ratio), results.md (the table) and results.png (quality vs compression) to --out. Finished runs
+are kept in --out and skipped when the demo is started again (resume).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .pipeline import EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, train_run
+from .train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("uncompressed", "uncompressed-trained", "pq", "opq", "jpq-centroids", "jpq")
+DEFAULT_RATIOS = (16, 32, 64, 96)
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _record(method, ratio, M, metrics, seconds, **extra):
+    return {"method": method, "ratio": ratio, "M": M, **{k: round(float(v), 6) for k, v in metrics.items()},
+            "train_seconds": round(float(seconds), 2), **extra}
+
+
+def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | None = None, seed: int = 0,
+             progress: bool = True) -> list[dict]:
+    """Run every method at every ratio; returns the records (also written to out_dir)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = config or TrainConfig(seed=seed)
+    partial_path = out_dir / "partial.json"
+    done = {(r["method"], r["ratio"]): r for r in json.loads(partial_path.read_text())} if partial_path.exists() else {}
+    test_ids = ws.test_ids()
+    q_test = ws.query_emb[ws.query_rows(test_ids)]
+    test_texts = [ws.dataset.query_texts[i] for i in ws.query_rows(test_ids)]
+
+    def keep(rec):
+        done[(rec["method"], rec["ratio"])] = rec
+        _write_json(partial_path, list(done.values()))
+        log.info("%s @%sx: %s", rec["method"], rec["ratio"],
+                 ", ".join(f"{m} {rec[m]:.4f}" for m in EVAL_METRICS))
+
+    if ("uncompressed", 1) not in done:
+        keep(_record("uncompressed", 1, None, evaluate_vectors(ws, q_test, None, test_ids), 0.0))
+    if ("uncompressed-trained", 1) not in done:
+        cfg = TrainConfig(**{**asdict(config), "mode": "encoder"})
+        trainer, secs = train_run(ws, cfg, None, out_dir / "checkpoints" / "uncompressed-trained", progress=progress)
+        keep(_record("uncompressed-trained", 1, None,
+                     evaluate_vectors(ws, trainer.encode_queries(test_texts), None, test_ids), secs,
+                     best_epoch=trainer.state.best_epoch))
+    for ratio in ratios:
+        M = m_for_ratio(ws.d, ratio)
+        true_ratio = round(4 * ws.d / M, 2)
+        indexes = {}
+        for method, opq in (("pq", False), ("opq", True)):
+            t0 = time.perf_counter()
+            indexes[method] = build_index(ws.doc_emb, M, opq=opq, seed=seed)
+            if (method, ratio) not in done:
+                keep(_record(method, ratio, M, evaluate_vectors(ws, q_test, indexes[method], test_ids),
+                             time.perf_counter() - t0, bytes_per_vector=M, exact_ratio=true_ratio))
+        for method, mode in (("jpq-centroids", "centroids"), ("jpq", "jpq")):
+            if (method, ratio) in done:
+                continue
+            t_init = 0.0
+            cfg = TrainConfig(**{**asdict(config), "mode": mode})
+            trainer, secs = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"{method}-{ratio}",
+                                      progress=progress)
+            q = q_test if mode == "centroids" else trainer.encode_queries(test_texts)
+            index = trainer.trained_index()
+            keep(_record(method, ratio, M, evaluate_vectors(ws, q, index, test_ids), secs + t_init,
+                         bytes_per_vector=M, exact_ratio=true_ratio, best_epoch=trainer.state.best_epoch))
+            index.save(out_dir / "checkpoints" / f"{method}-{ratio}" / "index.jpq")
+    order = {m: i for i, m in enumerate(METHODS)}
+    records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))
+    records = [r for r in records if r["ratio"] == 1 or r["ratio"] in ratios]
+    _write_json(out_dir / "results.json", records)
+    (out_dir / "results.md").write_text(results_table(records, ws.dataset.name))
+    plot_results(records, out_dir / "results.png", ws.dataset.name)
+    return records
+
+
+def results_table(records: list[dict], name: str = "") -> str:
+    ratios = sorted({r["ratio"] for r in records if r["ratio"] != 1})
+    by = {(r["method"], r["ratio"]): r for r in records}
+    lines = [f"# jpq demo{': ' + name if name else ''} (test split)", "",
+             "nDCG@10 / MRR@10 / R@100; training time in seconds.", "",
+             "| method | " + " | ".join(f"{r}x" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for m in METHODS:
+        cells = []
+        for ratio in ratios:
+            r = by.get((m, ratio)) or by.get((m, 1))
+            cells.append("-" if r is None else
+                         f"{r['ndcg@10']:.4f} / {r['mrr@10']:.4f} / {r['recall@100']:.4f} ({r['train_seconds']:.0f}s)")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(records: list[dict], path: Path, name: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    ratios = sorted({r["ratio"] for r in records if r["ratio"] != 1})
+    for ax, metric in zip(axes, EVAL_METRICS):
+        for m in METHODS:
+            rs = [r for r in records if r["method"] == m]
+            if not rs:
+                continue
+            if rs[0]["ratio"] == 1:
+                ax.axhline(rs[0][metric], ls=":" if m == "uncompressed" else "--", color="gray" if m == "uncompressed" else "black", label=m)
+            else:
+                rs.sort(key=lambda r: r["ratio"])
+                ax.plot([r["ratio"] for r in rs], [r[metric] for r in rs], "o-", label=m)
+        ax.set(xscale="log", xlabel="compression ratio (float32 bytes / code bytes)", ylabel=metric, title=metric)
+        ax.set_xticks(ratios, [str(r) for r in ratios])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"jpq demo {name}: quality vs compression (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

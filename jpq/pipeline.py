@@ -1,0 +1,161 @@
+"""The pieces the CLI and the demo share: a dataset with its embeddings, index builders,
+training runs and test-split evaluation."""
+from __future__ import annotations
+
+import copy
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import BeirDataset, load_beir
+from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
+from .index import PQIndex
+from .metrics import evaluate
+from .train import JPQTrainer, TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path(os.environ.get("JPQ_CACHE", Path.home() / ".cache" / "jpq"))
+EVAL_METRICS = ("ndcg@10", "mrr@10", "recall@100")
+
+
+@dataclass
+class Workspace:
+    """A BEIR dataset, its frozen document vectors and zero-shot query vectors."""
+
+    dataset: BeirDataset
+    encoder: SentenceEncoder
+    doc_emb: np.ndarray  # (n_docs, d) float32, rows in corpus order
+    query_emb: np.ndarray  # (n_queries, d) float32, rows in queries order
+    train_split: str
+    test_split: str
+
+    @property
+    def d(self) -> int:
+        return self.doc_emb.shape[1]
+
+    def query_rows(self, ids):
+        return self.dataset.query_index(ids)
+
+    def train_ids(self):
+        return self.dataset.split_query_ids(self.train_split)
+
+    def test_ids(self):
+        return self.dataset.split_query_ids(self.test_split)
+
+    def train_qrels_by_row(self) -> dict:
+        doc_row = {d: i for i, d in enumerate(self.dataset.corpus_ids)}
+        return {q: {doc_row[d]: r for d, r in rel.items()}
+                for q, rel in self.dataset.qrels[self.train_split].items()}
+
+    def query_texts(self) -> dict:
+        return dict(zip(self.dataset.query_ids, self.dataset.query_texts))
+
+
+def _spot_check(encoder, texts, emb, rows) -> float:
+    """Smallest cosine between stored vectors and freshly encoded ones for a few rows."""
+    fresh = encoder.encode([texts[i] for i in rows])
+    a = fresh / np.linalg.norm(fresh, axis=1, keepdims=True)
+    b = emb[rows] / np.linalg.norm(emb[rows], axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+def find_precomputed(data_dir: Path, explicit: str | None) -> list[Path]:
+    """Candidate precomputed embedding files: the one given, else `<data>-*/embeddings.npz`
+    siblings (the layout of ../shared/data/scifact-minilm). Each is validated before use."""
+    if explicit:
+        return [Path(explicit)]
+    return [Path(p) for p in sorted(glob.glob(f"{os.fspath(data_dir).rstrip('/')}-*/embeddings.npz"))]
+
+
+def load_workspace(data: str, model: str = DEFAULT_MODEL, embeddings: str | None = None,
+                   cache_dir: Path = DEFAULT_CACHE, progress: bool = True) -> Workspace:
+    """Load a BEIR folder (or a named BEIR dataset, downloaded) and embed it with `model`.
+
+    Document and query vectors come from a validated precomputed file when one is found
+    (ids must match and freshly encoded spot checks must agree, cosine > 0.999), else they are
+    computed once and cached under `cache_dir` (resumable)."""
+    dataset = load_beir(data, cache_dir=cache_dir / "beir")
+    splits = set(dataset.qrels)
+    train_split = "train" if "train" in splits else None
+    test_split = next((s for s in ("test", "dev", "validation") if s in splits), None)
+    if train_split is None or test_split is None:
+        raise ValueError(f"{data} needs a train split and a test (or dev) split in qrels/, found {sorted(splits)}")
+    encoder = SentenceEncoder(model)
+    doc_emb = query_emb = None
+    for path in find_precomputed(Path(data), embeddings):
+        try:
+            doc_emb, query_emb = load_precomputed(path, dataset.corpus_ids, dataset.query_ids, encoder.dim)
+        except (ValueError, OSError, KeyError) as e:
+            if embeddings:
+                raise
+            log.info("skipping %s: %s", path, e)
+            continue
+        rng = np.random.default_rng(0)
+        cos_d = _spot_check(encoder, dataset.corpus_texts, doc_emb, rng.choice(len(doc_emb), 4, replace=False))
+        cos_q = _spot_check(encoder, dataset.query_texts, query_emb, rng.choice(len(query_emb), 4, replace=False))
+        if min(cos_d, cos_q) < 0.999:
+            msg = f"{path} does not match encoder {model} (spot-check cosine {min(cos_d, cos_q):.4f})"
+            if embeddings:
+                raise ValueError(msg)
+            log.info("skipping %s", msg)
+            doc_emb = query_emb = None
+            continue
+        log.info("using precomputed embeddings %s (spot-check cosine >= %.5f)", path, min(cos_d, cos_q))
+        break
+    if doc_emb is None:
+        cache = cache_dir / "embeddings"
+        doc_emb = cached_embeddings(encoder, dataset.corpus_texts, dataset.corpus_ids, cache,
+                                    f"{dataset.name}-corpus", progress=progress)
+        query_emb = cached_embeddings(encoder, dataset.query_texts, dataset.query_ids, cache,
+                                      f"{dataset.name}-queries", progress=progress)
+    return Workspace(dataset, encoder, doc_emb, query_emb, train_split, test_split)
+
+
+def m_for_ratio(d: int, ratio: float, nbits: int = 8) -> int:
+    """Sub-quantizers for a compression ratio of float32 vectors: bytes = 4 d / ratio = M nbits / 8.
+    Picks the divisor of d closest to the exact value."""
+    exact = 4 * d / ratio * 8 / nbits
+    divisors = [m for m in range(1, d + 1) if d % m == 0]
+    return min(divisors, key=lambda m: (abs(m - exact), -m))
+
+
+def build_index(doc_emb: np.ndarray, M: int, opq: bool, nbits: int = 8, seed: int = 0) -> PQIndex:
+    index = PQIndex(doc_emb.shape[1], M, nbits=nbits, metric="ip", opq=opq)
+    index.train(doc_emb, seed=seed)
+    index.add(doc_emb)
+    return index
+
+
+def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: list[str], k: int = 100):
+    """Test metrics for query vectors q (rows aligned with ids), exact search when index is None."""
+    if index is None:
+        scores = torch.from_numpy(q) @ torch.from_numpy(ws.doc_emb).T
+        I = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy()
+    else:
+        I = index.search(q, k)[1]
+    qrels = ws.dataset.qrels[ws.test_split]
+    return evaluate((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
+
+
+def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir: Path | None,
+              resume: bool = True, progress: bool = True):
+    """One training run; returns (trainer, seconds). A fresh copy of the encoder is trained so
+    runs never leak into each other."""
+    t0 = time.perf_counter()
+    encoder = None
+    if config.mode in ("jpq", "encoder"):
+        encoder = copy.deepcopy(ws.encoder)
+    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
+    index = copy.deepcopy(index) if index is not None else None
+    trainer = JPQTrainer(config, ws.doc_emb, index, ws.train_ids(), ws.train_qrels_by_row(),
+                         query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
+                         out_dir=out_dir, progress=progress)
+    trainer.fit(resume=resume)
+    return trainer, time.perf_counter() - t0

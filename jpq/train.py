@@ -1,0 +1,437 @@
+"""JPQ training: the query encoder and the PQ centroids trained jointly against the compressed
+index (Zhan et al., CIKM 2021), on jpq's kernels.
+
+Per step, for a batch of training queries:
+  1. embed the queries with the (trainable or frozen) query tower;
+  2. retrieve hard negatives for them from the *current* compressed index with the ADC kernel
+     (`adc_topk`, no copy into faiss), excluding the query's positives;
+  3. score positives + negatives with the fused straight-through op `quantize_and_score`
+     (codes fixed; gradients reach the centroids and the query tower), and take the ranking loss:
+     JPQ's pairwise loss with rank-difference weights, or softmax cross-entropy, plus
+     `recon_weight * ||x - x_hat||^2` on the scored documents;
+  4. AdamW with separate learning rates for the centroids and the query tower.
+
+Modes: "jpq" (encoder + centroids), "centroids" (encoder frozen: query vectors are computed once),
+"encoder" (uncompressed-trained / ADORE-style: the index is the identity, documents exact).
+
+Model selection: part of the training queries is held out. The held-out queries are chosen so
+that none of their relevant documents is relevant to a kept training query (whole connected
+groups of queries that share positives move together), so validation measures what the test split
+asks (documents no training query points to) rather than memorisation. The epoch-0 state (the
+post-hoc index) is evaluated too, so the selected model is never worse than the initialisation on
+validation. Checkpoints every epoch; `resume=True` continues from the last one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .index import PQIndex
+from .kernels import adc_topk, build_lut
+from .metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+MODES = ("jpq", "centroids", "encoder")
+LOSSES = ("pairwise", "ce")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters; the defaults are the ones the demo uses on every dataset."""
+
+    mode: str = "jpq"
+    epochs: int = 10
+    batch_size: int = 32
+    lr_centroids: float = 1e-4  # JPQ's own centroid rates are 1e-4 or lower: keep updates gentle
+    lr_encoder: float = 2e-5
+    weight_decay: float = 0.01  # on the encoder only; centroids are not decayed towards 0
+    loss: str = "ce"
+    negatives: int = 100  # hard negatives per query, from the current index
+    scale: float = 20.0  # logits = scale * score (unit-norm embeddings score in [-1, 1])
+    recon_weight: float = 0.1
+    val_fraction: float = 0.2
+    holdout: str = "random"  # or "disjoint": held-out positives unseen in training (harsher)
+    patience: int = 3  # epochs without validation gain before stopping
+    val_metric: str = "ndcg@10"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("epochs", "batch_size", "negatives"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------- data split
+def holdout_split(query_ids: list[str], qrels: dict, fraction: float, seed: int, disjoint: bool = False):
+    """Split training queries into (train, val) at random. With `disjoint`, no val query's
+    relevant document is relevant to a train query: queries sharing a positive form one group,
+    and groups move whole."""
+    if not disjoint:
+        perm = np.random.default_rng(seed).permutation(len(query_ids))
+        val_set = {query_ids[i] for i in perm[: int(round(fraction * len(query_ids)))]}
+        return [q for q in query_ids if q not in val_set], [q for q in query_ids if q in val_set]
+    parent = {q: q for q in query_ids}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    owner = {}
+    for q in query_ids:
+        for d, rel in qrels.get(q, {}).items():
+            if rel > 0:
+                if d in owner:
+                    parent[find(q)] = find(owner[d])
+                else:
+                    owner[d] = q
+    groups = {}
+    for q in query_ids:
+        groups.setdefault(find(q), []).append(q)
+    order = list(groups.values())
+    np.random.default_rng(seed).shuffle(order)
+    target = int(round(fraction * len(query_ids)))
+    val = []
+    for g in order:
+        if len(val) >= target:
+            break
+        val.extend(g)
+    val_set = set(val)
+    return [q for q in query_ids if q not in val_set], [q for q in query_ids if q in val_set]
+
+
+# --------------------------------------------------------------------------- losses
+def ce_loss(logits: torch.Tensor, pos_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Multi-positive softmax cross-entropy: -log(sum_pos e^s / sum_all e^s), per query mean."""
+    neg_inf = torch.finfo(logits.dtype).min
+    all_ = logits.masked_fill(~valid, neg_inf)
+    pos = logits.masked_fill(~(pos_mask & valid), neg_inf)
+    return (torch.logsumexp(all_, 1) - torch.logsumexp(pos, 1)).mean()
+
+
+def pairwise_loss(logits: torch.Tensor, pos_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """JPQ's pairwise loss: sum over (positive, negative) pairs of
+    |1/rank(pos) - 1/rank(neg)| * log(1 + exp(s_neg - s_pos)), ranks within the candidate list
+    under the current scores (the MRR change of swapping the two, as in LambdaRank)."""
+    with torch.no_grad():
+        masked = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+        order = masked.argsort(1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(1, logits.shape[1] + 1, device=logits.device).expand_as(order))
+        inv = 1.0 / rank.to(logits.dtype)
+    pos = pos_mask & valid
+    neg = ~pos_mask & valid
+    diff = logits.unsqueeze(1) - logits.unsqueeze(2)  # [b, i, j] = s_j - s_i
+    weight = (inv.unsqueeze(2) - inv.unsqueeze(1)).abs()
+    pair = pos.unsqueeze(2) & neg.unsqueeze(1)  # i positive, j negative
+    losses = F.softplus(diff) * weight * pair
+    return losses.sum() / pos.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- trainer
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    history: list = field(default_factory=list)
+
+
+class JPQTrainer:
+    """Train a query tower and/or PQ centroids against a compressed (or identity) index.
+
+    Args:
+        doc_embeddings: shape=(N, d) float32, the frozen document tower's vectors.
+        index: a trained PQIndex holding the codes of `doc_embeddings` (its codes stay fixed), or
+            None for mode "encoder" (identity index: exact document vectors).
+        query_texts / query_embeddings: the training queries, by id. Texts feed a trainable
+            encoder; embeddings (shape (n, d)) serve a frozen one.
+        qrels: {query_id: {doc_position: relevance}} over the training split; doc positions are
+            rows of doc_embeddings.
+        encoder: a torch module texts -> (n, d) (e.g. SentenceEncoder), trained unless mode is
+            "centroids". May be None when mode is "centroids".
+        out_dir: where checkpoints go (`checkpoint.pt`, `best.pt`, `history.json`).
+    """
+
+    def __init__(self, config: TrainConfig, doc_embeddings: np.ndarray, index: PQIndex | None,
+                 query_ids: list[str], qrels: dict, query_texts: dict | None = None,
+                 query_embeddings: dict | None = None, encoder: torch.nn.Module | None = None,
+                 out_dir: str | Path | None = None, progress: bool = True):
+        self.cfg = config
+        self.X = np.ascontiguousarray(doc_embeddings, dtype=np.float32)
+        self.index = index
+        self.encoder = encoder
+        self.query_texts = query_texts or {}
+        self.query_embeddings = query_embeddings or {}
+        self.progress = progress
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        mode = config.mode
+        if mode != "encoder" and index is None:
+            raise ValueError(f"mode {mode!r} needs a trained PQIndex")
+        if mode == "encoder" and encoder is None:
+            raise ValueError("mode 'encoder' (uncompressed-trained) needs a query encoder")
+        if mode == "jpq" and encoder is None:
+            raise ValueError("mode 'jpq' needs a query encoder; use mode 'centroids' for a frozen one")
+        if index is not None and index.ntotal != len(self.X):
+            raise ValueError(f"index holds {index.ntotal} codes but doc_embeddings has {len(self.X)} rows")
+        self.train_encoder = mode in ("jpq", "encoder")
+        self.qrels = {q: {int(d): r for d, r in rel.items() if r > 0} for q, rel in qrels.items()}
+        ids = [q for q in query_ids if self.qrels.get(q)]
+        missing = [q for q in ids if (q not in self.query_texts if self.train_encoder or not self.query_embeddings
+                                       else q not in self.query_embeddings)]
+        if missing:
+            raise ValueError(f"{len(missing)} training queries have no text/embedding, e.g. {missing[:3]}")
+        self.train_ids, self.val_ids = holdout_split(ids, self.qrels, config.val_fraction, config.seed,
+                                                     disjoint=config.holdout == "disjoint")
+        log.info("training on %d queries, validating on %d held-out queries", len(self.train_ids), len(self.val_ids))
+
+        # trainable parameters
+        self.rotation = None if index is None or index.rotation is None else torch.from_numpy(index.rotation)
+        self.codes = None if index is None else torch.from_numpy(index.codes)
+        self.centroids = None
+        groups = []
+        if index is not None:
+            self.centroids = torch.nn.Parameter(torch.from_numpy(index.centroids.copy()),
+                                                requires_grad=mode in ("jpq", "centroids"))
+            if self.centroids.requires_grad:
+                groups.append({"params": [self.centroids], "lr": config.lr_centroids, "weight_decay": 0.0})
+        if self.train_encoder:
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                           "lr": config.lr_encoder, "weight_decay": config.weight_decay})
+        self.optimizer = torch.optim.AdamW(groups)
+        self.state = TrainState()
+        self.X_t = torch.from_numpy(self.X)
+
+    # ------------------------------------------------------------------ embeddings
+    def _queries(self, ids: list[str], grad: bool) -> torch.Tensor:
+        if self.train_encoder or (self.encoder is not None and not self.query_embeddings):
+            if grad:
+                return self.encoder([self.query_texts[q] for q in ids])
+            with torch.no_grad():
+                was = self.encoder.training
+                self.encoder.eval()
+                out = self.encoder([self.query_texts[q] for q in ids])
+                self.encoder.train(was)
+                return out
+        return torch.from_numpy(np.stack([self.query_embeddings[q] for q in ids]))
+
+    def _rotate(self, q: torch.Tensor) -> torch.Tensor:
+        return q if self.rotation is None else q @ self.rotation.T
+
+    # ------------------------------------------------------------------ retrieval
+    @torch.no_grad()
+    def search(self, q: torch.Tensor, k: int):
+        """Top-k document rows for query vectors (B, d) under the current parameters."""
+        qn = self._rotate(q.detach().float()).contiguous().numpy()
+        if self.index is None:
+            scores = torch.from_numpy(qn) @ self.X_t.T
+            kk = min(k, scores.shape[1])
+            D, I = torch.topk(scores, kk, dim=1)
+            return D.numpy(), I.numpy().astype(np.int64)
+        C = self.centroids.detach().numpy()
+        lut = build_lut(qn, C, metric="ip")
+        return adc_topk(lut, self.index.codes, k, metric="ip", check=False)
+
+    def evaluate_ids(self, ids: list[str], k: int = 100, metrics=("ndcg@10", "mrr@10", "recall@100")):
+        """Metrics on queries `ids` (qrels from the trainer's training qrels)."""
+        if not ids:
+            return {m: float("nan") for m in metrics}
+        parts = []
+        for s in range(0, len(ids), 256):
+            q = self._queries(ids[s : s + 256], grad=False)
+            parts.append(self.search(q, k)[1])
+        I = np.concatenate(parts)
+        doc_ids = [str(i) for i in range(len(self.X))]
+        run = (I, ids, doc_ids)  # rows already in rank order
+        qrels = {q: {str(d): r for d, r in self.qrels[q].items()} for q in ids}
+        return evaluate(run, qrels, metrics)
+
+    # ------------------------------------------------------------------ one step
+    def _candidates(self, ids, q):
+        """(B, P) candidate rows: positives first (padded by repetition), then hard negatives."""
+        n_pos = max(len(self.qrels[i]) for i in ids)
+        _, I = self.search(q, self.cfg.negatives + n_pos)
+        B = len(ids)
+        P = n_pos + self.cfg.negatives
+        cand = np.zeros((B, P), np.int64)
+        pos_mask = np.zeros((B, P), bool)
+        valid = np.zeros((B, P), bool)
+        for b, qid in enumerate(ids):
+            pos = list(self.qrels[qid])
+            cand[b, :n_pos] = (pos * n_pos)[:n_pos]
+            pos_mask[b, : len(pos)] = True
+            valid[b, : len(pos)] = True
+            negs = [d for d in I[b] if d >= 0 and d not in self.qrels[qid]][: self.cfg.negatives]
+            cand[b, n_pos : n_pos + len(negs)] = negs
+            valid[b, n_pos : n_pos + len(negs)] = True
+        return cand, torch.from_numpy(pos_mask), torch.from_numpy(valid)
+
+    def _scores(self, q, cand):
+        """(B, P) scores of q against the candidate documents, and the reconstruction loss."""
+        if self.index is None:
+            docs = self.X_t[torch.from_numpy(cand)]  # (B, P, d)
+            return torch.einsum("bd,bpd->bp", q, docs), torch.zeros(())
+        from .kernels import quantize_and_score
+
+        uniq, inv = np.unique(cand, return_inverse=True)
+        codes = self.codes[torch.from_numpy(uniq)]
+        x = self.X_t[torch.from_numpy(uniq)]
+        if self.rotation is not None:
+            x = x @ self.rotation.T
+        scores, recon = quantize_and_score(self._rotate(q), self.centroids, codes=codes, x=x,
+                                           doc_index=torch.from_numpy(inv.reshape(cand.shape)),
+                                           return_recon_error=True)
+        return scores, recon.mean()
+
+    def step(self, ids: list[str]) -> dict:
+        q = self._queries(ids, grad=self.train_encoder)
+        cand, pos_mask, valid = self._candidates(ids, q)
+        scores, recon = self._scores(q, cand)
+        logits = self.cfg.scale * scores
+        rank_loss = (ce_loss if self.cfg.loss == "ce" else pairwise_loss)(logits, pos_mask, valid)
+        loss = rank_loss + self.cfg.recon_weight * recon
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), "rank_loss": float(rank_loss.detach()), "recon": float(recon.detach())}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict:
+        return {
+            "centroids": None if self.centroids is None else self.centroids.detach().clone(),
+            "encoder": None if not self.train_encoder else copy.deepcopy(self.encoder.state_dict()),
+        }
+
+    def _load_model_state(self, st: dict):
+        if st["centroids"] is not None:
+            with torch.no_grad():
+                self.centroids.copy_(st["centroids"])
+        if st["encoder"] is not None:
+            self.encoder.load_state_dict(st["encoder"])
+
+    def _save(self, name: str, payload: dict):
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.out_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, self.out_dir / name)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def _checkpoint(self, best_state: dict):
+        self._save("checkpoint.pt", {
+            "config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
+            "best": best_state, "optimizer": self.optimizer.state_dict(),
+        })
+        (self.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1)) if self.out_dir else None
+
+    def _resume(self):
+        path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        if path is None or not path.exists():
+            return None
+        ck = torch.load(path, weights_only=False)
+        if ck["config"] != asdict(self.cfg):
+            raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
+        self._load_model_state(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.state = TrainState(**ck["state"])
+        log.info("resumed from %s after epoch %d", path, self.state.epoch)
+        return ck["best"]
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+        """Train, select the best epoch on the held-out queries, and load it.
+
+        stop_after_epoch: stop (as if interrupted) once that many epochs are complete.
+        Returns the history (one record per epoch, epoch 0 = the initial state).
+        """
+        cfg = self.cfg
+        best_state = self._resume() if resume else None
+        if self.state.epoch == 0 and not self.state.history:
+            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else 0.0
+            self.state.history.append({"epoch": 0, "val": score, "seconds": 0.0})
+            self.state.best_score, self.state.best_epoch = score, 0
+            best_state = self._model_state()
+            log.info("epoch 0 (initial): val %s %.4f", cfg.val_metric, score)
+        while self.state.epoch < cfg.epochs:
+            if self.state.epoch - self.state.best_epoch >= cfg.patience:
+                log.info("early stop: no validation gain for %d epochs", cfg.patience)
+                break
+            if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
+                return self.state.history
+            epoch = self.state.epoch + 1
+            t0 = time.perf_counter()
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.train_ids))
+            batches = [[self.train_ids[i] for i in order[s : s + cfg.batch_size]]
+                       for s in range(0, len(order), cfg.batch_size)]
+            if self.encoder is not None:
+                self.encoder.train(self.train_encoder)
+            logs = []
+            # dropout draws from torch's global RNG: seed it per epoch inside fork_rng so that a
+            # resumed run repeats the same epoch exactly and the caller's RNG is left untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 100_003 + epoch)
+                for ids in tqdm(batches, desc=f"{cfg.mode} epoch {epoch}", disable=not self.progress, leave=False):
+                    logs.append(self.step(ids))
+            if self.encoder is not None:
+                self.encoder.eval()
+            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else -float(np.mean([l["loss"] for l in logs]))
+            rec = {"epoch": epoch, "val": score, "loss": float(np.mean([l["loss"] for l in logs])),
+                   "recon": float(np.mean([l["recon"] for l in logs])), "seconds": time.perf_counter() - t0}
+            self.state.history.append(rec)
+            self.state.epoch = epoch
+            if score > self.state.best_score:
+                self.state.best_score, self.state.best_epoch = score, epoch
+                best_state = self._model_state()
+            log.info("epoch %d: loss %.4f, val %s %.4f (best %.4f at epoch %d)", epoch, rec["loss"],
+                     cfg.val_metric, score, self.state.best_score, self.state.best_epoch)
+            self._checkpoint(best_state)
+        self._load_model_state(best_state)
+        self._save("best.pt", {"config": asdict(cfg), "state": asdict(self.state), "model": best_state})
+        return self.state.history
+
+    # ------------------------------------------------------------------ results
+    def trained_index(self) -> PQIndex:
+        """A PQIndex with the trained centroids (codes unchanged)."""
+        if self.index is None:
+            raise ValueError("mode 'encoder' trains no index")
+        out = copy.copy(self.index)
+        out.centroids = self.centroids.detach().numpy().copy()
+        return out
+
+    def encode_queries(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Query vectors from the trained tower (needs an encoder)."""
+        if self.encoder is None:
+            raise ValueError("no encoder: the query vectors are the frozen ones given to the trainer")
+        was = self.encoder.training
+        self.encoder.eval()
+        with torch.no_grad():
+            out = [self.encoder(list(texts[s : s + batch_size])).float().numpy()
+                   for s in range(0, len(texts), batch_size)]
+        self.encoder.train(was)
+        return np.concatenate(out) if out else np.zeros((0, self.X.shape[1]), np.float32)

@@ -1,0 +1,144 @@
+"""JPQ trainer: learning on a synthetic task, resume == uninterrupted, losses, splits, export."""
+import numpy as np
+import pytest
+import torch
+
+import jpq
+from jpq.kernels.adc import adc_scores_reference, build_lut_reference
+from jpq.pipeline import m_for_ratio
+from kernel_cases import assert_topk_matches
+from jpq.train import JPQTrainer, TrainConfig, ce_loss, holdout_split, pairwise_loss
+
+
+class ToyEncoder(torch.nn.Module):
+    """Texts "q<i>" -> a fixed base vector through a trainable linear map (identity start)."""
+
+    def __init__(self, base: np.ndarray):
+        super().__init__()
+        self.register_buffer("base", torch.from_numpy(base))
+        self.linear = torch.nn.Linear(base.shape[1], base.shape[1], bias=False)
+        torch.nn.init.eye_(self.linear.weight)
+
+    def forward(self, texts):
+        rows = torch.tensor([int(t[1:]) for t in texts])
+        return self.linear(self.base[rows])
+
+
+def synthetic_task(seed=0, n_docs=600, n_queries=240, d=16):
+    """Queries see their positive document through a fixed distortion: a learnable problem."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_docs, d)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    pos = rng.integers(0, n_docs, n_queries)
+    A = np.eye(d, dtype=np.float32) + 0.6 * rng.standard_normal((d, d)).astype(np.float32)
+    Q = X[pos] @ A.T + 0.05 * rng.standard_normal((n_queries, d)).astype(np.float32)
+    ids = [f"q{i}" for i in range(n_queries)]
+    qrels = {q: {int(p): 1} for q, p in zip(ids, pos)}
+    return X, Q.astype(np.float32), ids, qrels
+
+
+def make_trainer(mode="jpq", out_dir=None, epochs=4, seed=0, **kw):
+    X, Q, ids, qrels = synthetic_task(seed)
+    index = None
+    if mode != "encoder":
+        index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip", opq=False)
+        index.train(X, niter=10, seed=seed)
+        index.add(X)
+    enc = ToyEncoder(Q) if mode in ("jpq", "encoder") else None
+    cfg = TrainConfig(mode=mode, epochs=epochs, batch_size=32, negatives=20, lr_encoder=5e-3,
+                      lr_centroids=5e-3, patience=epochs, seed=seed, **kw)
+    return JPQTrainer(cfg, X, index, ids, qrels, query_texts={q: q for q in ids},
+                      query_embeddings={q: Q[i] for i, q in enumerate(ids)}, encoder=enc,
+                      out_dir=out_dir, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["jpq", "encoder", "centroids"])
+@pytest.mark.parametrize("loss", ["ce", "pairwise"])
+def test_training_improves_its_own_retrieval_metric(mode, loss):
+    trainer = make_trainer(mode, epochs=6, loss=loss)
+    before = trainer.evaluate_ids(trainer.train_ids)["ndcg@10"]
+    history = trainer.fit()
+    after = trainer.evaluate_ids(trainer.train_ids)["ndcg@10"]
+    assert after > before + 0.02, (before, after, history)
+    assert history[0]["epoch"] == 0 and len(history) >= 2
+    # the selected epoch is the best one on validation
+    assert trainer.state.best_score == max(h["val"] for h in history)
+
+
+def test_resume_gives_the_same_centroids_as_an_uninterrupted_run(tmp_path):
+    full = make_trainer("jpq", out_dir=tmp_path / "full", epochs=3)
+    full.fit()
+    first = make_trainer("jpq", out_dir=tmp_path / "cut", epochs=3)
+    first.fit(stop_after_epoch=1)  # "interrupted" after one epoch
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    resumed = make_trainer("jpq", out_dir=tmp_path / "cut", epochs=3)
+    resumed.fit(resume=True)
+    assert [h["val"] for h in resumed.state.history] == [h["val"] for h in full.state.history]
+    torch.testing.assert_close(resumed.centroids, full.centroids, rtol=0, atol=0)
+    for a, b in zip(resumed.encoder.parameters(), full.encoder.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    make_trainer("centroids", out_dir=tmp_path, epochs=2).fit(stop_after_epoch=1)
+    other = make_trainer("centroids", out_dir=tmp_path, epochs=3)
+    with pytest.raises(ValueError, match="different configuration"):
+        other.fit(resume=True)
+
+
+def test_trained_index_saves_loads_and_exports_to_faiss(tmp_path):
+    faiss = pytest.importorskip("faiss")
+    trainer = make_trainer("centroids", epochs=2)
+    trainer.fit()
+    index = trainer.trained_index()
+    assert not np.array_equal(index.centroids, trainer.index.centroids) or trainer.state.best_epoch == 0
+    q = np.random.default_rng(1).standard_normal((20, 16)).astype(np.float32)
+    D, I = index.search(q, 10)
+    index.save(tmp_path / "t.jpq")
+    back = jpq.PQIndex.load(tmp_path / "t.jpq")
+    np.testing.assert_array_equal(back.search(q, 10)[1], I)
+    Df, If = index.to_faiss().search(q, 10)
+    scores = adc_scores_reference(build_lut_reference(q, index.centroids, "ip"), index.codes)
+    assert_topk_matches(Df.astype(np.float32), If.astype(np.int64), D, I, scores, atol=1e-5)
+
+
+def test_holdout_split_random_and_disjoint():
+    rng = np.random.default_rng(0)
+    ids = [f"q{i}" for i in range(200)]
+    qrels = {q: {int(d): 1 for d in rng.integers(0, 150, 2)} for q in ids}
+    tr, va = holdout_split(ids, qrels, 0.2, seed=1)
+    assert len(va) == 40 and set(tr) | set(va) == set(ids) and not set(tr) & set(va)
+    assert holdout_split(ids, qrels, 0.2, seed=1) == (tr, va)  # deterministic
+    tr, va = holdout_split(ids, qrels, 0.2, seed=1, disjoint=True)
+    seen = {d for q in tr for d in qrels[q]}
+    assert va and not any(d in seen for q in va for d in qrels[q])
+
+
+def test_losses_push_positives_up():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5]], requires_grad=True)
+    pos = torch.tensor([[True, False, False, False]])
+    valid = torch.tensor([[True, True, True, False]])
+    for fn in (ce_loss, pairwise_loss):
+        logits.grad = None
+        fn(logits, pos, valid).backward()
+        g = logits.grad[0]
+        assert g[0] < 0 and g[1] > 0 and g[2] > 0 and g[3] == 0, (fn.__name__, g)
+    # CE by hand: -log(e^0 / (e^0 + e^1 + e^2))
+    expected = -np.log(1 / (1 + np.e + np.e ** 2))
+    assert float(ce_loss(logits, pos, valid)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_config_and_trainer_validation():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainConfig(mode="adore")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="hinge")
+    X, Q, ids, qrels = synthetic_task()
+    with pytest.raises(ValueError, match="needs a trained PQIndex"):
+        JPQTrainer(TrainConfig(mode="centroids"), X, None, ids, qrels,
+                   query_embeddings={q: Q[i] for i, q in enumerate(ids)})
+
+
+def test_m_for_ratio_matches_the_demo_table():
+    assert [m_for_ratio(384, r) for r in (16, 32, 64, 96)] == [96, 48, 24, 16]
+    assert m_for_ratio(768, 32) == 96
