@@ -32,8 +32,13 @@ def _train_args(p):
     for f in fields(TrainConfig):
         if f.name == "mode":
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"training: {f.name} (default: %(default)s)")
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"training: {f.name} (default: %(default)s)")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f"training: {f.name} (default: %(default)s)")
 
 
 def _config(args, **over):

@@ -66,6 +66,10 @@ class TrainConfig:
     holdout: str = "random"  # or "disjoint": held-out positives unseen in training (harsher)
     patience: int = 3  # epochs without validation gain before stopping
     val_metric: str = "ndcg@10"
+    # nn.Embedding tables of the query tower stay frozen: in MiniLM the token table is half the
+    # parameters, its dense gradient and AdamW update cost a large share of a CPU step, and a few
+    # hundred training queries cannot train a 30k-row vocabulary anyway
+    freeze_token_embeddings: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -215,6 +219,10 @@ class JPQTrainer:
                                                 requires_grad=mode in ("jpq", "centroids"))
             if self.centroids.requires_grad:
                 groups.append({"params": [self.centroids], "lr": config.lr_centroids, "weight_decay": 0.0})
+        if self.train_encoder and config.freeze_token_embeddings:
+            for module in encoder.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    module.weight.requires_grad_(False)
         if self.train_encoder:
             groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
                            "lr": config.lr_encoder, "weight_decay": config.weight_decay})
