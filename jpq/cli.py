@@ -69,8 +69,9 @@ def cmd_demo(args):
     else:
         from .demo import results_table, run_demo
 
+        lrs = tuple(float(v) for v in args.centroid_lrs.split(","))
         records = run_demo(ws, out, ratios=ratios, config=_config(args, mode="jpq"), seed=args.seed,
-                           progress=not args.quiet)
+                           progress=not args.quiet, centroid_lrs=lrs)
         print(results_table(records, ws.dataset.name))
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out}/results.json")
 
@@ -162,6 +163,8 @@ def build_parser():
     d.add_argument("--out", required=True)
     d.add_argument("--ratios", default="16,32,64,96", help="compression ratios (default: %(default)s)")
     d.add_argument("--index", choices=("pq", "tree"), default="pq")
+    d.add_argument("--centroid-lrs", default="0.0001,0.001",
+                   help="centroid learning rates tried on held-out validation (default: %(default)s)")
     _train_args(d)
     d.set_defaults(func=cmd_demo)
 

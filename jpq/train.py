@@ -381,7 +381,8 @@ class JPQTrainer:
         cfg = self.cfg
         best_state = self._resume() if resume else None
         if self.state.epoch == 0 and not self.state.history:
-            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else 0.0
+            # without held-out queries the score is -training loss, so the untrained state ranks last
+            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else -math.inf
             self.state.history.append({"epoch": 0, "val": score, "seconds": 0.0})
             self.state.best_score, self.state.best_epoch = score, 0
             best_state = self._model_state()

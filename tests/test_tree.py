@@ -1,0 +1,434 @@
+"""jpq.tree: routing gradients (finite differences), beam search vs exhaustive ADC, training on
+synthetic clusters, checkpoint/resume, save/load, bad inputs. Small sizes: the file runs in
+well under a minute on the 2-core dev CPU."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from jpq.kernels.adc import adc_scores_reference, build_lut_reference
+from jpq.tree import (ResidualLinear, TreeConfig, TreeIndex, TreeTrainer, beam_search, default_branching,
+                      default_pq_m, leaf_log_probs)
+from tolerances import assert_close, assert_equal
+
+
+def clustered(rng, n_clusters, per_cluster, d, noise=0.15):
+    centers = rng.standard_normal((n_clusters, d))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(n_clusters), per_cluster)
+    x = centers[labels] + noise * rng.standard_normal((len(labels), d)) / math.sqrt(d)
+    return x.astype(np.float32), labels, centers.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def small_tree():
+    """N=613 (awkward), d=24, M=6 (ds=4), nbits=6, branching (3, 5) = 15 leaves."""
+    rng = np.random.default_rng(0)
+    x, _, _ = clustered(rng, 12, 51, 24, noise=0.6)
+    x = np.concatenate([x, rng.standard_normal((1, 24)).astype(np.float32)])
+    index = TreeIndex(24, (3, 5), M=6, nbits=6, metric="ip")
+    index.train(x, niter=8)
+    index.add(x)
+    q = rng.standard_normal((9, 24)).astype(np.float32)
+    return index, x, q
+
+
+# --------------------------------------------------------------------------- routing
+def tiny_params(rng, d=5, branching=(3, 2), dtype=torch.float64):
+    n_l = np.cumprod(branching)
+    emb = [torch.tensor(rng.standard_normal((n, d)), dtype=dtype, requires_grad=True) for n in n_l]
+    bia = [torch.tensor(rng.standard_normal(n), dtype=dtype, requires_grad=True) for n in n_l]
+    ls = torch.tensor([0.3, -0.2][: len(branching)], dtype=dtype, requires_grad=True)
+    return emb, bia, ls
+
+
+def test_leaf_log_probs_matches_loop_form_and_normalises():
+    rng = np.random.default_rng(1)
+    branching = (3, 2)
+    emb, bia, ls = tiny_params(rng, branching=branching)
+    x = torch.tensor(rng.standard_normal((4, 5)))
+    out = leaf_log_probs(x, emb, bia, ls, branching).detach().numpy()
+    ref = np.zeros((4, 6))
+    for leaf in range(6):
+        j0, j1 = divmod(leaf, 2)
+        for i in range(4):
+            z0 = (x[i] @ emb[0].T + bia[0]).detach().numpy() * math.exp(ls[0].item())
+            z1 = (x[i] @ emb[1].T + bia[1]).detach().numpy() * math.exp(ls[1].item())
+            sib = z1[2 * j0 : 2 * j0 + 2]
+            ref[i, leaf] = (z0[j0] - np.log(np.exp(z0).sum())) + (z1[leaf] - np.log(np.exp(sib).sum()))
+    assert_close(out, ref, reduction_length=5, dtype=np.float64)
+    assert_close(np.log(np.exp(out).sum(1)), np.zeros(4), reduction_length=6, dtype=np.float64)
+
+
+def test_routing_gradients_nonzero_and_match_finite_differences():
+    """d(routing loss)/d(everything) against central differences, float64, tree (3, 2)."""
+    rng = np.random.default_rng(2)
+    branching = (3, 2)
+    emb, bia, ls = tiny_params(rng, branching=branching)
+    x = torch.tensor(rng.standard_normal((4, 5)), requires_grad=True)
+    target = torch.tensor([0, 3, 5, 2])
+
+    def routing_loss(x, e0, e1, c0, c1, ls):
+        lp = leaf_log_probs(x, [e0, e1], [c0, c1], ls, branching)
+        return -lp.gather(1, target[:, None]).mean()
+
+    inputs = (x, *emb, *bia, ls)
+    assert torch.autograd.gradcheck(routing_loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+    loss = routing_loss(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    for name, g in zip(("x", "e0", "e1", "c0", "c1", "log_scales"), grads):
+        assert g.abs().max() > 1e-6, f"zero gradient for {name}"
+
+
+def test_trainer_step_moves_nodes_and_tower():
+    """The losses of a TreeTrainer step reach node embeddings, biases, scales and the tower."""
+    rng = np.random.default_rng(3)
+    x, labels, centers = clustered(rng, 8, 20, 16)
+    index = TreeIndex(16, (2, 4), M=4, nbits=4)
+    index.train(x, niter=5)
+    index.add(x)
+    ids = [f"q{i}" for i in range(24)]
+    q = {f"q{i}": centers[i % 8] for i in range(24)}
+    qrels = {f"q{i}": {int(np.nonzero(labels == i % 8)[0][0]): 1} for i in range(24)}
+    tr = TreeTrainer(TreeConfig(epochs=1, val_fraction=0.0), index, x, ids, qrels, query_embeddings=q,
+                     progress=False)
+    before = [p.detach().clone() for p in tr.router.parameters()] + [tr.query_tower.weight.detach().clone()]
+    tr.step(ids[:8], np.arange(10), tr._snapshot(with_queries=False))
+    after = list(tr.router.parameters()) + [tr.query_tower.weight]
+    for b, a in zip(before, after):
+        assert not torch.equal(b, a.detach())
+
+
+# --------------------------------------------------------------------------- search
+def test_full_beam_equals_exhaustive_pq_search(small_tree):
+    """A beam covering every leaf scores every document: same ids and scores as PQIndex.search."""
+    index, x, q = small_tree
+    for k in (1, 10, 700):  # 700 > N: -1 padding like faiss
+        D_ref, I_ref = index.pq.search(q, k)
+        for beam in (index.n_leaves, index.n_leaves + 3):
+            D, I = index.search(q, k, beam=beam)
+            assert_equal(I, I_ref)
+            assert_equal(D, D_ref)
+    # torch in, torch out; and a stored query tower is applied before routing and scoring
+    D, I = index.search(torch.from_numpy(q), 5, beam=99)
+    assert isinstance(I, torch.Tensor) and I.dtype == torch.int64
+    A = np.eye(24, dtype=np.float32) + 0.1 * np.random.default_rng(4).standard_normal((24, 24)).astype(np.float32)
+    index.query_matrix = A
+    try:
+        D, I = index.search(q, 10, beam=index.n_leaves)
+        D_ref, I_ref = index.pq.search(q @ A.T, 10)
+        assert_equal(I, I_ref)
+        assert_equal(D, D_ref)
+    finally:
+        index.query_matrix = None
+
+
+def test_single_query_equals_exhaustive_pq_search(small_tree):
+    """PQIndex takes a different kernel path for one query: still identical."""
+    index, x, q = small_tree
+    for i in range(3):
+        D_ref, I_ref = index.pq.search(q[i : i + 1], 10)
+        D, I = index.search(q[i : i + 1], 10, beam=index.n_leaves)
+        assert_equal(I, I_ref)
+        assert_equal(D, D_ref)
+
+
+@pytest.mark.parametrize("kmeans_metric", ["l2", "ip"])
+def test_step_zero_is_a_plain_ivf_tree(kmeans_metric):
+    """At step 0 each document sits under its best centroid at every level (nearest in L2, or
+    largest inner product), whatever the routing temperature."""
+    rng = np.random.default_rng(8)
+    x, _, _ = clustered(rng, 10, 40, 16, noise=0.8)
+    for scale in (1.0, 20.0):
+        index = TreeIndex(16, (3, 4), M=4, nbits=4, init_scale=scale, kmeans_metric=kmeans_metric)
+        index.train(x, niter=6)
+        index.add(x)
+        C0, C1 = index.embeddings
+
+        def best(v, C):
+            return (v @ C.T).argmax(1) if kmeans_metric == "ip" else ((v[:, None] - C[None]) ** 2).sum(-1).argmin(1)
+        top = best(x, C0)
+        child = np.array([best(x[i : i + 1], C1[4 * t : 4 * t + 4])[0] for i, t in enumerate(top)])
+        assert_equal(index.leaf_of, 4 * top + child)
+
+
+def test_narrow_beam_scores_only_reached_leaves(small_tree):
+    index, x, q = small_tree
+    lut = build_lut_reference(q, index.pq.centroids, "ip")
+    scores = adc_scores_reference(lut, index.pq.codes)
+    for beam in (1, 2, 4):
+        leaves, _ = index.probe(q, beam)
+        D, I = index.search(q, 20, beam=beam)
+        for i in range(len(q)):
+            allowed = np.nonzero(np.isin(index.leaf_of, leaves[i]))[0]
+            got = I[i][I[i] >= 0]
+            assert np.isin(got, allowed).all()
+            assert len(got) == min(20, len(allowed))
+            assert_close(D[i][: len(got)], scores[i, got], reduction_length=index.M)
+            best = np.sort(scores[i, allowed])[::-1][: len(got)]  # the best of the reached documents
+            assert_close(D[i][: len(got)], best, reduction_length=index.M)
+        frac = np.mean([np.isin(index.leaf_of, leaves[i]).sum() for i in range(len(q))]) / index.ntotal
+        assert index.fraction_scored(q, beam) == pytest.approx(frac)
+    assert index.fraction_scored(q, index.n_leaves) == pytest.approx(1.0)
+
+
+def test_beam_search_keeps_the_best_paths_and_skips_empty_leaves():
+    rng = np.random.default_rng(5)
+    emb, bia, ls = tiny_params(rng, d=6, branching=(4, 3), dtype=torch.float32)
+    emb, bia, ls = [e.detach() for e in emb], [c.detach() for c in bia], ls.detach()
+    x = torch.tensor(rng.standard_normal((7, 6)), dtype=torch.float32)
+    full = leaf_log_probs(x, emb, bia, ls, (4, 3))
+    leaves, score = beam_search(x, emb, bia, ls, (4, 3), beam=12)
+    order = torch.sort(full, dim=1, descending=True, stable=True).indices
+    assert_equal(leaves, order)  # beam covering all leaves = every path, best first
+    leaves, _ = beam_search(x, emb, bia, ls, (4, 3), beam=1)
+    top = full.reshape(7, 4, 3)
+    # beam 1 is greedy: best parent, then its best child
+    parent = top.logsumexp(-1).argmax(1)
+    child = top[torch.arange(7), parent].argmax(1)
+    assert_equal(leaves[:, 0], parent * 3 + child)
+    counts = [np.array([1, 0, 1, 1]), np.array([1, 0, 0] + [0] * 3 + [1, 0, 0] + [0, 0, 1])]
+    leaves, score = beam_search(x, emb, bia, ls, (4, 3), beam=12, node_counts=counts)
+    finite = torch.isfinite(score)
+    assert (finite.sum(1) == 3).all()
+    assert set(leaves[finite].tolist()) == {0, 6, 11}
+
+
+# --------------------------------------------------------------------------- training
+def synthetic_task(seed=6, n_clusters=16, d=16):
+    """Documents in 16 tight clusters; a query about cluster c *looks like* cluster pi(c) (a fixed
+    permutation: a linear query-side shift), so the k-means tree routes it to the wrong leaf."""
+    rng = np.random.default_rng(seed)
+    x, labels, centers = clustered(rng, n_clusters, 30, d, noise=0.2)
+    pi = rng.permutation(n_clusters)
+
+    def queries(n, prefix):
+        c = rng.integers(0, n_clusters, n)
+        q = centers[pi[c]] + 0.05 * rng.standard_normal((n, d)).astype(np.float32) / math.sqrt(d)
+        ids = [f"{prefix}{i}" for i in range(n)]
+        qrels = {i: {int(rng.choice(np.nonzero(labels == cc)[0])): 1} for i, cc in zip(ids, c)}
+        return ids, dict(zip(ids, q.astype(np.float32))), qrels
+
+    return x, queries
+
+
+def routed_to_positive_leaf(index, q, qrels, ids):
+    leaves, _ = index.probe(q, beam=1)
+    return np.mean([index.leaf_of[next(iter(qrels[i]))] == leaves[j, 0] for j, i in enumerate(ids)])
+
+
+def test_synthetic_clusters_are_routed_to_the_right_leaves_after_training():
+    x, queries = synthetic_task()
+    index = TreeIndex(16, (4, 4), M=4, nbits=4)
+    index.train(x, niter=10)
+    index.add(x)
+    train_ids, train_q, train_qrels = queries(320, "t")
+    test_ids, test_q, test_qrels = queries(200, "e")
+    qt = np.stack([test_q[i] for i in test_ids])
+    before = routed_to_positive_leaf(index, qt, test_qrels, test_ids)
+    cfg = TreeConfig(epochs=12, patience=12, lr_query=1e-2, val_fractions=(0.1,), negatives=20, docs_per_step=64)
+    tr = TreeTrainer(cfg, index, x, train_ids, train_qrels, query_embeddings=train_q, progress=False)
+    hist = tr.fit()
+    tree = tr.trained_index()
+    after = routed_to_positive_leaf(tree, qt, test_qrels, test_ids)
+    assert before < 0.3, before
+    assert after >= 0.9, (before, after)
+    assert hist[tr.state.best_epoch]["val"] >= hist[0]["val"]
+    assert tree.leaf_sizes().max() <= 3 * len(x) / tree.n_leaves  # balanced: no collapsed leaf
+    assert index.query_matrix is None and tree.query_matrix is not None  # the init is left unchanged
+
+
+def test_checkpoint_resume_is_deterministic(tmp_path):
+    x, queries = synthetic_task(seed=7)
+    ids, q, qrels = queries(96, "t")
+
+    def trainer(out):
+        index = TreeIndex(16, (2, 4), M=4, nbits=4)
+        index.train(x, niter=5, seed=0)
+        index.add(x)
+        cfg = TreeConfig(epochs=3, patience=3, val_fractions=(0.2,), negatives=10, docs_per_step=32, seed=3)
+        return TreeTrainer(cfg, index, x, ids, qrels, query_embeddings=q, out_dir=out, progress=False)
+
+    straight = trainer(tmp_path / "a")
+    h_straight = straight.fit()
+    part = trainer(tmp_path / "b")
+    part.fit(stop_after_epoch=2)
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and part.state.epoch == 2
+    resumed = trainer(tmp_path / "b")
+    h_resumed = resumed.fit(resume=True)
+    assert [h["val"] for h in h_resumed] == [h["val"] for h in h_straight]
+    a, b = straight.trained_index(), resumed.trained_index()
+    for ea, eb in zip(a.embeddings + [a.query_matrix, a.leaf_of], b.embeddings + [b.query_matrix, b.leaf_of]):
+        assert_equal(ea, eb)
+    assert (tmp_path / "a" / "best.pt").exists()
+    with pytest.raises(ValueError, match="different configuration"):
+        other = trainer(tmp_path / "a")
+        other.cfg.epochs = 4
+        other.fit(resume=True)
+
+
+class ToyTextTower(torch.nn.Module):
+    """A text encoder stand-in: looks texts up in a table, then a trainable linear map."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.lin = ResidualLinear(next(iter(table.values())).shape[0])
+
+    def forward(self, texts):
+        return self.lin(torch.from_numpy(np.stack([self.table[t] for t in texts])))
+
+
+def test_text_tower_and_document_tower_train_and_stay_consistent():
+    """Queries as texts through a module, plus a trainable document projection: the trained
+    index holds the PQ codes and leaves of the *projected* documents."""
+    x, queries = synthetic_task(seed=9)
+    ids, q, qrels = queries(64, "t")
+    texts = {i: f"text {i}" for i in ids}
+    index = TreeIndex(16, (2, 4), M=4, nbits=4)
+    index.train(x, niter=5)
+    index.add(x)
+    # no held-out queries: selection by training loss, so the trained epochs are kept
+    cfg = TreeConfig(epochs=2, patience=2, reassign_every=1, val_fraction=0.0, negatives=10, docs_per_step=32)
+    tower = ToyTextTower({texts[i]: q[i] for i in ids})
+    doc_tower = ResidualLinear(16)
+    tr = TreeTrainer(cfg, index, x, ids, qrels, query_texts=texts, query_tower=tower, doc_tower=doc_tower,
+                     progress=False)
+    hist = tr.fit()
+    assert tr.state.best_epoch > 0 and hist[0]["val"] == -math.inf
+    assert doc_tower.weight.detach().abs().max() > 0  # the document tower was trained
+    tree = tr.trained_index()
+    assert tree.query_matrix is None  # not a ResidualLinear: the caller encodes queries
+    with torch.no_grad():
+        xd = doc_tower(torch.from_numpy(x)).numpy()
+    assert_equal(tree.pq.codes, tree.pq.encode(xd))
+    assert_equal(tree.leaf_of, tree.assign_leaves(xd))
+    qv = tr.encode_queries([texts[i] for i in ids[:5]])
+    D, I = tree.search(qv, 5, beam=tree.n_leaves)
+    D_ref, I_ref = tree.pq.search(qv, 5)
+    assert_equal(I, I_ref)
+
+
+def tiny_beir(seed=10):
+    """A BEIR-shaped synthetic dataset: 480 documents in 16 clusters, 160 train + 40 test queries."""
+    from jpq.data import BeirDataset
+
+    x, queries = synthetic_task(seed=seed)
+    tr_ids, tr_q, tr_rel = queries(160, "t")
+    te_ids, te_q, te_rel = queries(40, "e")
+    doc_ids = [f"d{i}" for i in range(len(x))]
+    qids = tr_ids + te_ids
+    qrels = {"train": {q: {doc_ids[d]: r for d, r in rel.items()} for q, rel in tr_rel.items()},
+             "test": {q: {doc_ids[d]: r for d, r in rel.items()} for q, rel in te_rel.items()}}
+    ds = BeirDataset(doc_ids, ["doc"] * len(x), qids, ["query"] * len(qids), qrels, "tiny", "-")
+    return ds, x, np.stack([{**tr_q, **te_q}[q] for q in qids])
+
+
+def test_demo_and_cli_entry_points(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    pytest.importorskip("faiss")
+    pytest.importorskip("matplotlib")
+    from jpq.tree import run_tree_demo, train_tree_cli
+
+    ds, x, q = tiny_beir()
+    cfg = TreeConfig(epochs=2, negatives=10, docs_per_step=32)
+    records = run_tree_demo(ds, x, q, tmp_path / "demo", progress=False, config=cfg)
+    methods = {r["method"] for r in records}
+    assert {"tree", "tree-init", "ivf-flat", "ivf-pq"} <= methods
+    for r in records:
+        assert {"method", "fraction_target", "fraction_scored", "leaves", "recall@100", "ndcg@10", "mrr@10"} <= set(r)
+        assert r["leaves"] == 25 == np.prod(default_branching(len(x))) and 0 < r["fraction_scored"] <= 1
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["records"] == json.loads(json.dumps(records))
+    assert (tmp_path / "demo" / "results.png").stat().st_size > 0 and (tmp_path / "demo" / "results.md").exists()
+    ws = SimpleNamespace(dataset=ds, doc_emb=x, query_emb=q, train_split="train")
+    summary = train_tree_cli(ws, tmp_path / "train", progress=False, config=cfg)
+    tree = TreeIndex.load(summary["index"])
+    assert tree.ntotal == len(x) and tree.query_matrix is not None
+
+
+# --------------------------------------------------------------------------- persistence
+def test_save_load_round_trip(small_tree, tmp_path):
+    index, x, q = small_tree
+    index.query_matrix = np.eye(24, dtype=np.float32) * 1.5
+    try:
+        path = tmp_path / "tree.jpq"
+        index.save(path)
+        loaded = TreeIndex.load(path)
+    finally:
+        index.query_matrix = None
+    assert loaded.branching == index.branching and loaded.M == index.M and loaded.metric == index.metric
+    for a, b in zip(index.embeddings + index.biases + [index.log_scales, index.leaf_of, index.pq.codes,
+                    index.pq.centroids], loaded.embeddings + loaded.biases + [loaded.log_scales,
+                    loaded.leaf_of, loaded.pq.codes, loaded.pq.centroids]):
+        assert_equal(a, b)
+    assert_equal(loaded.query_matrix, np.eye(24, dtype=np.float32) * 1.5)
+    loaded.query_matrix = None
+    for beam in (1, 3):
+        D0, I0 = index.search(q, 10, beam)
+        D1, I1 = loaded.search(q, 10, beam)
+        assert_equal(I1, I0)
+        assert_equal(D1, D0)
+    blob = path.read_bytes()
+    (tmp_path / "bad.jpq").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(ValueError, match="checksum"):
+        TreeIndex.load(tmp_path / "bad.jpq")
+    (tmp_path / "short.jpq").write_bytes(blob[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        TreeIndex.load(tmp_path / "short.jpq")
+    index.pq.save(tmp_path / "pq.jpq")
+    with pytest.raises(ValueError, match="not a jpq tree"):
+        TreeIndex.load(tmp_path / "pq.jpq")
+
+
+# --------------------------------------------------------------------------- inputs
+def test_bad_inputs_raise_clear_errors(small_tree):
+    index, x, q = small_tree
+    with pytest.raises(TypeError, match="branching"):
+        TreeIndex(24, 8)
+    with pytest.raises(ValueError, match="branching"):
+        TreeIndex(24, (1, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        TreeIndex(24, (2, 2), M=5)
+    with pytest.raises(TypeError, match="d must be an int"):
+        TreeIndex(24.0, (2, 2))
+    with pytest.raises(ValueError, match="beam must be >= 1"):
+        index.search(q, 5, beam=0)
+    with pytest.raises(TypeError, match="beam must be an int"):
+        index.search(q, 5, beam=2.5)
+    with pytest.raises(ValueError, match="shape"):
+        index.search(q[:, :20], 5, beam=2)
+    with pytest.raises(TypeError, match="floating"):
+        index.search(q.astype(np.int64), 5, beam=2)
+    with pytest.raises(TypeError, match="k must be an int"):
+        index.search(q, "5", beam=2)
+    with pytest.raises(RuntimeError, match="not trained"):
+        TreeIndex(24, (2, 2), M=6).search(q, 5, beam=1)
+    with pytest.raises(ValueError, match="at least"):
+        TreeIndex(24, (2, 2), M=6).train(x[:10])
+    with pytest.raises(ValueError, match="epochs"):
+        TreeConfig(epochs=0)
+    with pytest.raises(ValueError, match="train_fraction"):
+        TreeConfig(train_fraction=0.0)
+    ids = ["a"]
+    with pytest.raises(ValueError, match="rows"):
+        TreeTrainer(TreeConfig(), index, x[:-1], ids, {"a": {0: 1}}, query_embeddings={"a": q[0]})
+    with pytest.raises(ValueError, match="exactly one"):
+        TreeTrainer(TreeConfig(), index, x, ids, {"a": {0: 1}})
+    with pytest.raises(ValueError, match="outside"):
+        TreeTrainer(TreeConfig(), index, x, ids, {"a": {10**6: 1}}, query_embeddings={"a": q[0]})
+    with pytest.raises(TypeError, match="TreeConfig"):
+        TreeTrainer({"epochs": 1}, index, x, ids, {"a": {0: 1}}, query_embeddings={"a": q[0]})
+
+
+def test_size_rules():
+    assert default_branching(5183) == (8, 8)
+    assert default_branching(8_841_823) == (55, 55)
+    assert default_branching(10) == (2, 2)
+    assert default_pq_m(384) == 96 and default_pq_m(768) == 192 and default_pq_m(30) == 15
+    tower = ResidualLinear(4)
+    x = torch.randn(3, 4)
+    assert torch.equal(tower(x), x)  # identity at step 0
