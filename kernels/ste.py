@@ -33,9 +33,12 @@ Paths (`backend=`):
 - triton (CUDA; the CPU interpreter in tests): kernels in ste_triton.py, float32.
 
 Measured on the 2-core dev CPU (Xeon, AVX-512), B=64, N=12800, M=96, K=256, ds=8, forward +
-backward of scores.sum(): see bench/results/ste_cpu.md (this path vs the composed PyTorch JPQ
-formulation, time and peak memory) and `python bench/bench_ste.py --alternatives` for the
-kernel variants behind the choices below.
+backward of a cross-entropy step: bench/results/ste_cpu.md (this path vs the composed PyTorch
+JPQ formulation: time ratio 0.27, peak-memory ratio 0.20, on a busy machine) and
+`python bench/bench_ste.py --alternatives` for the kernel variants behind the choices below.
+The numba kernels share 2 cores with torch's own OpenMP pool: when other processes load the
+machine, the two runtimes' spin-waiting barriers cost up to 10x (fused step 260 ms vs 32 ms
+with OMP_WAIT_POLICY=PASSIVE at load average 3; 17-25 ms on a quieter machine).
 """
 from __future__ import annotations
 
@@ -162,49 +165,65 @@ class _ReferenceOps:
 QUERIES_PER_TILE = 64
 
 
-@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _scores_all_pairs(codes, lut_mkb, out_nb):
-    """codes (N, M) u8; lut_mkb (M, K, B) float; out_nb (N, B) float, written.
+DOCS_PER_TASK = 256  # documents per parallel task of _scores_all_pairs (one accumulator alloc each)
 
-    out_nb[n, b] = sum_m lut_mkb[m, codes[n, m], b]: document-major, so the B accumulators of
+
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _scores_all_pairs(codes, lut_mkb, out):
+    """codes (N, M) u8; lut_mkb (M, K, B) float; out (B, N) float, written.
+
+    out[b, n] = sum_m lut_mkb[m, codes[n, m], b]: document-major, so the B accumulators of
     one document stay in registers (4 AVX-512 vectors at B=64) while M contiguous LUT rows are
-    gathered. Measured at N=12800, M=96, K=256, B=64 on 2 cores: 6.0 ms, vs 30 ms for the
-    document-block loop of adc._scores_many_queries (its (256, B) block spills out of L1 and the
-    whole 6.3 MB LUT is re-read per block), 79 ms for a one-hot CSR sparse matmul and 755 ms
-    for torch advanced indexing + sum (python bench/bench_ste.py --alternatives).
+    gathered, then go to column n of `out` (consecutive documents fill the same B cache lines).
+    Measured (python bench/bench_ste.py --alternatives; N=12800, M=96, K=256, B=64) on the
+    2-core dev CPU, which other jobs kept busy (load average 2-4.5) so only gaps of 2x or more
+    mean anything: 2 threads, 6-7 ms vs 22-30 ms for document blocks of 256 as in
+    adc._scores_many_queries (a (256, B) block spills out of L1 and the 6.3 MB LUT is re-read
+    per block), 40-79 ms for a one-hot CSR sparse matmul, 370-755 ms for torch advanced
+    indexing + sum. One thread at load 4.4: 16 ms vs 14 ms for an (N, B) output plus a
+    transpose copy (kept anyway: no (N, B) buffer, 3.3 MB less peak memory), 16 ms for the
+    adc blocks, 20 ms for CSR.
     """
     N, M = codes.shape
     B = lut_mkb.shape[2]
-    for n in nb.prange(N):
-        acc = out_nb[n]
-        for b in range(B):
-            acc[b] = 0.0
-        for m in range(M):
-            row = lut_mkb[m, codes[n, m]]
+    ntasks = (N + DOCS_PER_TASK - 1) // DOCS_PER_TASK
+    for t in nb.prange(ntasks):
+        acc = np.empty(B, lut_mkb.dtype)
+        for n in range(t * DOCS_PER_TASK, min(N, (t + 1) * DOCS_PER_TASK)):
+            acc[:] = 0.0
+            for m in range(M):
+                row = lut_mkb[m, codes[n, m]]
+                for b in range(B):
+                    acc[b] += row[b]
             for b in range(B):
-                acc[b] += row[b]
+                out[b, n] = acc[b]
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _grad_table_all_pairs(codes, g_nb, G_mkb, P):
-    """codes (N, M) u8; g_nb (N, B) float = dL/dscores transposed; G_mkb (M, K, B), += ;
-    P: threads (subspace ranges).
+def _grad_table_all_pairs(codes, g, G_mkb, P):
+    """codes (N, M) u8; g (B, N) float = dL/dscores; G_mkb (M, K, B), += ; P: thread count.
 
-    G_mkb[m, codes[n, m], :] += g_nb[n, :]. Each thread owns a range of subspaces m (no two
-    threads write one row, no atomics) and streams all documents once, keeping the gradient
-    row of a document in registers across its subspaces. Measured as above: 5.9 ms, vs 43-50
-    ms for a prange over m that re-streams g (3.3 MB) per subspace, 9.0 ms for per-thread
-    private tables summed after, 80 ms for a CSR sparse matmul and 390 ms for torch
-    index_add_ per subspace.
+    G_mkb[m, codes[n, m], :] += g[:, n]. Each of the P tasks owns a range of subspaces m (no
+    two threads write one row, no atomics, no per-thread copies of G) and streams all
+    documents once, keeping the gradient column of a document in registers across its
+    subspaces. Measured as for _scores_all_pairs: 2 threads, 6-24 ms, vs 21-50 ms for a
+    prange over m (re-reads g, 3.3 MB, per subspace), 9-21 ms for per-thread private tables
+    summed after (+6.3 MB per thread), 41-80 ms for a CSR sparse matmul, 364-447 ms for torch
+    index_add_ per subspace (a single scatter_add_ would need a (N*M, B) int64 index, 630 MB).
+    One thread at load 4.4 the numba variants are within noise of each other (14-18 ms), CSR
+    15 ms, index_add_ 38 ms. Reading g in place instead of a transposed copy: same within
+    noise, 3.3 MB less.
     """
     N, M = codes.shape
-    B = g_nb.shape[1]
+    B = g.shape[0]
     share = (M + P - 1) // P
     for p in nb.prange(P):
         m0 = p * share
         m1 = min(M, m0 + share)
+        gn = np.empty(B, g.dtype)
         for n in range(N):
-            gn = g_nb[n]
+            for b in range(B):
+                gn[b] = g[b, n]
             for m in range(m0, m1):
                 row = G_mkb[m, codes[n, m]]
                 for b in range(B):
@@ -322,9 +341,7 @@ class _CpuOps:
                 lut = torch.bmm(C, qt.transpose(1, 2))  # (M, K, bt) directly, no transpose copy
                 if metric == "l2":  # ||q_m - c||^2 = ||q_m||^2 - 2 q_m.c + ||c||^2
                     lut = (qt * qt).sum(-1)[:, None, :] - 2.0 * lut + cnorm[:, :, None]
-                buf = np.empty((P, b1 - b0), dtype=out.numpy().dtype)
-                _scores_all_pairs(_np(codes), _np(lut), buf)
-                out[b0:b1] = torch.from_numpy(buf).T  # one (N, bt) -> (bt, N) copy, 0.7 ms
+                _scores_all_pairs(_np(codes), _np(lut), out[b0:b1].numpy())
             else:
                 lut = torch.bmm(qt, C.transpose(1, 2))  # (M, bt, K)
                 if metric == "l2":
@@ -338,7 +355,7 @@ class _CpuOps:
         bt = g.shape[0]
         if doc_index is None:
             G = np.zeros((M, K, bt), dtype=_np(g).dtype)
-            _grad_table_all_pairs(_np(codes), _np(g.T), G, _num_ranges(M))  # g.T.contiguous(): 0.7 ms
+            _grad_table_all_pairs(_np(codes), _np(g), G, _num_ranges(M))
             return torch.from_numpy(G).transpose(1, 2)
         G = np.zeros((M, bt, K), dtype=_np(g).dtype)
         _grad_table_pairs(_np(codes), _np(doc_index), _np(g), G)

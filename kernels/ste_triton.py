@@ -1,0 +1,287 @@
+"""Triton kernels of the fused straight-through quantize-and-score (the op lives in ste.py).
+
+Kept apart from ste.py so that `import jpq` never needs triton; ste.py imports this lazily and
+calls the launchers below through the same interface as its CPU path (`_CpuOps`):
+
+    scores(q, C, codes, doc_index, metric)     -> (B, N) or (B, P)   forward, LUT gather-sum
+    recon_error(x, C, codes)                   -> (N,)               ||x - x_hat||^2, fused
+    grad_table(g, codes, doc_index, M, K)      -> (M, B, K) view     G, atomic scatter by code
+    recon_dc_(dC, x, C, codes, gr)             in place              recon term of dC, atomic
+    dx_epilogue_(dx, x, C, codes, a, r)        in place              dx += a x_hat + r (x - x_hat)
+
+dq and dC are then two small batched GEMMs on G (torch.bmm, i.e. cuBLAS), and the (N, B) x
+(B, D) product W q of dx is torch.mm; x_hat is rebuilt on the fly inside every kernel and
+never stored. Everything is float32 (ste.py casts); tl.sum/atomics accumulate in float32.
+
+Design notes:
+- Forward: LUT lut[b, m, k] = q_m . C[m, k] (or ||q_m - C[m, k]||^2) by torch.bmm (adc.py's
+  `_build_lut_torch`), then one program per (BLOCK_B queries) x (BLOCK_P documents) tile
+  gathers lut[b, m, codes[doc, m]] for BLOCK_M subspaces at a time, like adc_triton. With
+  given pairs (PAIRS) the document of each (b, p) comes from doc_index.
+- Backward: the same tiling, with tl.atomic_add(G[b, m, code], g[b, p]) in place of the load.
+  B*P*M relaxed float atomics into a B*M*K table (~50 documents per (m, k) at N=12800);
+  a one-hot tl.dot formulation (G_m = g @ onehot(codes[:, m])) is the alternative to time on
+  a GPU if the atomics turn out to be the bottleneck.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adc import _build_lut_torch
+
+# Block sizes: untuned guesses (written on a machine without a GPU); bench/bench_ste.py's
+# gpu_section() times them on a card. ELEMS_PER_TILE bounds the gathered
+# (BLOCK_B, BLOCK_P, BLOCK_M) tile at 4096 values (32 registers/thread at num_warps=4).
+ELEMS_PER_TILE = 4096
+MAX_BLOCK_B = 4
+MAX_BLOCK_M = 32
+MIN_BLOCK_P, MAX_BLOCK_P = 16, 256
+BLOCK_N = 64  # documents per program of the reconstruction kernels
+MAX_BLOCK_D = 64  # sub-vector columns per step of the reconstruction kernels
+MAX_GRID_Y = 65535  # CUDA limit on grid axis 1
+TILE = 256  # queries per G table in ste._fast_backward: (256, M, K) floats = 25 MB at M=96
+
+
+@triton.jit
+def _ste_scores_kernel(
+    lut_ptr, codes_ptr, idx_ptr, out_ptr, B, P, M, K,
+    PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out[b, p] = sum_m lut[b, m, codes[doc(b, p), m]], doc(b, p) = idx[b, p] (PAIRS) or p.
+
+    Args:
+        lut_ptr: look-up tables, shape=(B, M, K), float32, contiguous.
+        codes_ptr: PQ codes, shape=(N, M), uint8, contiguous.
+        idx_ptr: doc_index, shape=(B, P), int64, contiguous (read only when PAIRS).
+        out_ptr: scores, shape=(B, P), float32, contiguous (written); P = N without PAIRS.
+    """
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_bp = (offs_b < B)[:, None] & (offs_p < P)[None, :]
+    rows_b = offs_b.to(tl.int64)
+    if PAIRS:
+        docs = tl.load(idx_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0)
+    else:
+        docs = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.int64) + offs_p[None, :].to(tl.int64)
+    lut_b = lut_ptr + rows_b[:, None, None] * (M * K)
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + offs_m
+        mask = mask_bp[:, :, None] & (m < M)[None, None, :]
+        code = tl.load(codes_ptr + docs[:, :, None] * M + m[None, None, :], mask=mask, other=0)
+        vals = tl.load(lut_b + m[None, None, :] * K + code.to(tl.int32), mask=mask, other=0.0)
+        acc += tl.sum(vals, axis=2)
+    tl.store(out_ptr + rows_b[:, None] * P + offs_p[None, :], acc, mask=mask_bp)
+
+
+@triton.jit
+def _grad_table_kernel(
+    g_ptr, codes_ptr, idx_ptr, G_ptr, B, P, M, K,
+    PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """G[b, m, codes[doc(b, p), m]] += g[b, p] (the transposed gather of the forward).
+
+    Args:
+        g_ptr: dL/dscores, shape=(B, P), float32, contiguous.
+        codes_ptr: shape=(N, M), uint8; idx_ptr: shape=(B, P), int64 (PAIRS only).
+        G_ptr: the table, shape=(B, M, K), float32, zero-initialised (atomically added to).
+    """
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_bp = (offs_b < B)[:, None] & (offs_p < P)[None, :]
+    rows_b = offs_b.to(tl.int64)
+    if PAIRS:
+        docs = tl.load(idx_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0)
+    else:
+        docs = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.int64) + offs_p[None, :].to(tl.int64)
+    g = tl.load(g_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0.0)
+    vals = tl.broadcast_to(g[:, :, None], (BLOCK_B, BLOCK_P, BLOCK_M))
+    G_b = G_ptr + rows_b[:, None, None] * (M * K)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + offs_m
+        mask = mask_bp[:, :, None] & (m < M)[None, None, :]
+        code = tl.load(codes_ptr + docs[:, :, None] * M + m[None, None, :], mask=mask, other=0)
+        tl.atomic_add(G_b + m[None, None, :] * K + code.to(tl.int32), vals, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _recon_error_kernel(x_ptr, c_ptr, codes_ptr, out_ptr, N, M, K, ds,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[n] = ||x[n] - x_hat[n]||^2, x_hat rebuilt one sub-vector at a time.
+
+    Args:
+        x_ptr: shape=(N, M * ds), float32; c_ptr: centroids, shape=(M, K, ds), float32;
+        codes_ptr: shape=(N, M), uint8; out_ptr: shape=(N,), float32 (written).
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m in range(0, M):
+        code = tl.load(codes_ptr + rows64 * M + m, mask=mask_n, other=0).to(tl.int64)
+        c_rows = c_ptr + (m * K + code[:, None]) * ds
+        x_rows = x_ptr + rows64[:, None] * (M * ds) + m * ds
+        for d0 in range(0, ds, BLOCK_D):
+            d = d0 + offs_d
+            mask = mask_n[:, None] & (d < ds)[None, :]
+            e = tl.load(x_rows + d[None, :], mask=mask, other=0.0) - tl.load(c_rows + d[None, :], mask=mask, other=0.0)
+            acc += tl.sum(e * e, axis=1)
+    tl.store(out_ptr + rows64, acc, mask=mask_n)
+
+
+@triton.jit
+def _recon_dc_kernel(x_ptr, c_ptr, codes_ptr, gr_ptr, dc_ptr, N, M, K, ds,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dC[m, codes[n, m]] += -2 gr[n] (x[n, m] - C[m, codes[n, m]]) for one subspace m.
+
+    Args:
+        x_ptr: shape=(N, M * ds); c_ptr: shape=(M, K, ds); codes_ptr: shape=(N, M), uint8;
+        gr_ptr: dL/drecon_error, shape=(N,); dc_ptr: shape=(M, K, ds) (atomically added to).
+        All float32 but the codes.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1)
+    mask_n = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    code = tl.load(codes_ptr + rows64 * M + m, mask=mask_n, other=0).to(tl.int64)
+    w = -2.0 * tl.load(gr_ptr + rows64, mask=mask_n, other=0.0)
+    c_off = (m * K + code[:, None]) * ds
+    x_rows = x_ptr + rows64[:, None] * (M * ds) + m * ds
+    for d0 in range(0, ds, BLOCK_D):
+        d = d0 + offs_d
+        mask = mask_n[:, None] & (d < ds)[None, :]
+        e = tl.load(x_rows + d[None, :], mask=mask, other=0.0) - tl.load(c_ptr + c_off + d[None, :], mask=mask, other=0.0)
+        tl.atomic_add(dc_ptr + c_off + d[None, :], w[:, None] * e, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _dx_epilogue_kernel(x_ptr, c_ptr, codes_ptr, a_ptr, r_ptr, dx_ptr, N, M, K, ds,
+                        HAS_A: tl.constexpr, HAS_R: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx[n, m] += a[n] x_hat[n, m] + r[n] (x[n, m] - x_hat[n, m]) for one subspace m.
+
+    Args:
+        x_ptr: shape=(N, M * ds); c_ptr: shape=(M, K, ds); codes_ptr: shape=(N, M), uint8;
+        a_ptr, r_ptr: shape=(N,) (read when HAS_A / HAS_R); dx_ptr: shape=(N, M * ds), updated.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1)
+    mask_n = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    code = tl.load(codes_ptr + rows64 * M + m, mask=mask_n, other=0).to(tl.int64)
+    c_rows = c_ptr + (m * K + code[:, None]) * ds
+    row_off = rows64[:, None] * (M * ds) + m * ds
+    if HAS_A:
+        a = tl.load(a_ptr + rows64, mask=mask_n, other=0.0)
+    if HAS_R:
+        r = tl.load(r_ptr + rows64, mask=mask_n, other=0.0)
+    for d0 in range(0, ds, BLOCK_D):
+        d = d0 + offs_d
+        mask = mask_n[:, None] & (d < ds)[None, :]
+        c = tl.load(c_rows + d[None, :], mask=mask, other=0.0)
+        out = tl.load(dx_ptr + row_off + d[None, :], mask=mask, other=0.0)
+        if HAS_A:
+            out += a[:, None] * c
+        if HAS_R:
+            out += r[:, None] * (tl.load(x_ptr + row_off + d[None, :], mask=mask, other=0.0) - c)
+        tl.store(dx_ptr + row_off + d[None, :], out, mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _tile_sizes(B: int, M: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_P, BLOCK_M): see the constants above."""
+    block_m = min(MAX_BLOCK_M, triton.next_power_of_2(M))
+    block_b = min(MAX_BLOCK_B, triton.next_power_of_2(max(B, 1)))
+    block_p = max(MIN_BLOCK_P, min(MAX_BLOCK_P, ELEMS_PER_TILE // (block_b * block_m)))
+    return block_b, block_p, block_m
+
+
+def _launch_bp(kernel, src, codes, doc_index, dst, B, P, M, K):
+    """Launch a (documents, queries)-tiled kernel for B queries x P documents (or pairs)."""
+    if B == 0 or P == 0:
+        return
+    block_b, block_p, block_m = _tile_sizes(B, M)
+    pairs = doc_index is not None
+    idx = doc_index if pairs else codes  # never read without PAIRS
+    chunk = MAX_GRID_Y * block_b
+    for b0 in range(0, B, chunk):  # one iteration unless B > 262k queries
+        b1 = min(B, b0 + chunk)
+        grid = (triton.cdiv(P, block_p), triton.cdiv(b1 - b0, block_b))
+        kernel[grid](
+            src[b0:b1], codes, idx[b0:b1] if pairs else idx, dst[b0:b1], b1 - b0, P, M, K,
+            PAIRS=pairs, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_M=block_m,
+        )
+
+
+def scores(q, C, codes, doc_index, metric):
+    """Forward scores. q: (B, D) float32; C: (M, K, ds) float32; codes: (N, M) uint8;
+    doc_index: (B, P) int64 or None -> (B, P) or (B, N), float32."""
+    M, K, _ = C.shape
+    lut = _build_lut_torch(q, C, metric)  # (B, M, K), contiguous
+    P = codes.shape[0] if doc_index is None else doc_index.shape[1]
+    out = torch.empty((q.shape[0], P), dtype=torch.float32, device=q.device)
+    _launch_bp(_ste_scores_kernel, lut, codes, doc_index, out, q.shape[0], P, M, K)
+    return out
+
+
+def grad_table(g, codes, doc_index, M, K):
+    """G[b, m, k] = sum of g[b, p] over the p whose document has code k in subspace m.
+    g: (B, P) float32 -> (M, B, K) (a transposed view of a (B, M, K) table)."""
+    g = g.contiguous().float()
+    G = torch.zeros((g.shape[0], M, K), dtype=torch.float32, device=g.device)
+    _launch_bp(_grad_table_kernel, g, codes, doc_index, G, g.shape[0], g.shape[1], M, K)
+    return G.transpose(0, 1)
+
+
+def _block_d(ds: int) -> int:
+    return min(MAX_BLOCK_D, triton.next_power_of_2(ds))
+
+
+def recon_error(x, C, codes):
+    """||x[n] - x_hat[n]||^2: x (N, D) float32 -> (N,) float32."""
+    M, K, ds = C.shape
+    N = x.shape[0]
+    out = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N:
+        _recon_error_kernel[(triton.cdiv(N, BLOCK_N),)](
+            x, C, codes, out, N, M, K, ds, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(ds)
+        )
+    return out
+
+
+def recon_dc_(dC, x, C, codes, gr):
+    """dC += the reconstruction term's gradient (in place)."""
+    M, K, ds = C.shape
+    N = x.shape[0]
+    for m0 in range(0, M, MAX_GRID_Y) if N else ():
+        m1 = min(M, m0 + MAX_GRID_Y)
+        _recon_dc_kernel[(triton.cdiv(N, BLOCK_N), m1 - m0)](
+            x[:, m0 * ds:], C[m0:m1], codes[:, m0:], gr.contiguous().float(), dC[m0:m1],
+            N, M, K, ds, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(ds),
+        )
+
+
+def dx_epilogue_(dx, x, C, codes, a, r):
+    """dx += a x_hat + r (x - x_hat) (in place); a, r: (N,) or None."""
+    M, K, ds = C.shape
+    N = x.shape[0]
+    dummy = dx  # never read when the flag is off
+    for m0 in range(0, M, MAX_GRID_Y) if N else ():
+        m1 = min(M, m0 + MAX_GRID_Y)
+        _dx_epilogue_kernel[(triton.cdiv(N, BLOCK_N), m1 - m0)](
+            x[:, m0 * ds:], C[m0:m1], codes[:, m0:],
+            dummy if a is None else a.contiguous(), dummy if r is None else r.contiguous(),
+            dx[:, m0 * ds:], N, M, K, ds,
+            HAS_A=a is not None, HAS_R=r is not None, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(ds),
+        )
