@@ -209,13 +209,13 @@ def _adc_topk_cpu(lut: np.ndarray, codes: np.ndarray, k: int, metric: str):
     nq, M, K = lut.shape
     N = codes.shape[0]
     # maximise always: for L2 the smallest distance is the largest negated distance
-    sign = np.float32(1.0 if metric == "ip" else -1.0)
+    sign = np.float32(1.0 if metric == "ip" else -1.0)  # applied to the tile and back to D
     D = np.empty((nq, k), np.float32)
     I = np.empty((nq, k), np.int64)
     P = _num_partitions(N)
     for q0 in range(0, nq, QUERIES_PER_TILE):
         q1 = min(nq, q0 + QUERIES_PER_TILE)
-        tile = sign * lut[q0:q1]
+        tile = lut[q0:q1] if metric == "ip" else -lut[q0:q1]
         heap_v = np.full((P, q1 - q0, k), -np.inf, np.float32)
         heap_i = np.full((P, q1 - q0, k), -1, np.int64)
         if N:
