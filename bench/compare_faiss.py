@@ -133,7 +133,7 @@ def bench_memory(Ns, D, M, nq, k, threads):
 
 def write_outputs(search_rows, encode_rows, memory_rows, info, prefix):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    lines = [f"# jpq vs faiss (CPU)", "",
+    lines = ["# jpq vs faiss (CPU)", "",
              f"{info['cpu']}, {info['threads']} threads, jpq {info['jpq']}, faiss {info['faiss']}, "
              f"torch {info['torch']}, {info['date']}. Command: `python bench/compare_faiss.py`.", "",
              "Time ratio = jpq / faiss, same run, medians of interleaved repeats (< 1: jpq faster).", "",

@@ -6,10 +6,9 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 
 from .encoders import DEFAULT_MODEL
 

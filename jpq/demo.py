@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
+from .storage import atomic_write_json
 from .pipeline import EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, train_run
 from .train import TrainConfig
 
@@ -30,13 +28,6 @@ DEFAULT_RATIOS = (16, 32, 64, 96)
 # the best held-out validation score is used for JPQ full too. JPQ's own rates (1e-4 or lower)
 # come first: a larger one is taken only when validation says it generalises.
 DEFAULT_CENTROID_LRS = (1e-4, 1e-3)
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _record(method, ratio, M, metrics, seconds, **extra):
@@ -57,7 +48,7 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
 
     def keep(rec):
         done[(rec["method"], rec["ratio"])] = rec
-        _write_json(partial_path, list(done.values()))
+        atomic_write_json(partial_path, list(done.values()))
         log.info("%s @%sx: %s", rec["method"], rec["ratio"],
                  ", ".join(f"{m} {rec[m]:.4f}" for m in EVAL_METRICS))
 
@@ -105,7 +96,7 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
     order = {m: i for i, m in enumerate(METHODS)}
     records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))
     records = [r for r in records if r["ratio"] == 1 or r["ratio"] in ratios]
-    _write_json(out_dir / "results.json", records)
+    atomic_write_json(out_dir / "results.json", records)
     (out_dir / "results.md").write_text(results_table(records, ws.dataset.name))
     plot_results(records, out_dir / "results.png", ws.dataset.name)
     return records

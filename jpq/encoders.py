@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,8 @@ class SentenceEncoder(nn.Module):
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, ".npz") as f:
+        np.savez(f, **arrays)
 
 
 def cached_embeddings(encoder: SentenceEncoder, texts: list[str], ids: list[str], cache_dir: Path,

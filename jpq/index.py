@@ -11,17 +11,13 @@ ADC kernels read; `to_faiss` packs them into faiss' bit layout and `from_faiss` 
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import os
-import tempfile
 
 import numpy as np
 import torch
 
 from .kernels import adc_topk, assign, build_lut
+from .storage import read_container, write_container
 from .kernels.arrays import (
     array_kind,
     check_codes,
@@ -290,73 +286,18 @@ class PQIndex:
     def save(self, path):
         """Write a versioned, checksummed file atomically (temp file + rename in the same folder).
 
-        Layout: 8-byte magic, uint32 header length, JSON header (format version, parameters,
-        array table, sha256 of the payload), then the raw little-endian arrays.
+        Layout (`jpq.storage.write_container`): 8-byte magic, uint32 header length, JSON header
+        (format version, parameters, array table, sha256 of the payload), the raw arrays.
         """
-        payload = io.BytesIO()
-        table = {}
-        for name, a in self._arrays().items():
-            a = np.ascontiguousarray(a)
-            table[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": payload.tell(),
-                           "nbytes": a.nbytes}
-            payload.write(a.tobytes())
-        body = payload.getvalue()
-        header = json.dumps({
-            "format": "jpq.PQIndex", "version": FORMAT_VERSION, "d": self.d, "M": self.M,
-            "nbits": self.nbits, "metric": self.metric, "opq": self.opq, "arrays": table,
-            "payload_nbytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-        }).encode()
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpq", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(FORMAT_MAGIC)
-                f.write(len(header).to_bytes(4, "little"))
-                f.write(header)
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        params = {"d": self.d, "M": self.M, "nbits": self.nbits, "metric": self.metric, "opq": self.opq}
+        write_container(path, FORMAT_MAGIC, "jpq.PQIndex", FORMAT_VERSION, params, self._arrays())
 
     @classmethod
     def load(cls, path) -> "PQIndex":
         """Read a file written by `save`; a foreign, truncated or corrupted file raises ValueError."""
-        path = os.fspath(path)
-        with open(path, "rb") as f:
-            blob = f.read()
-        if blob[: len(FORMAT_MAGIC)] != FORMAT_MAGIC:
-            raise ValueError(f"{path} is not a jpq index file (bad magic bytes)")
-        pos = len(FORMAT_MAGIC)
-        if len(blob) < pos + 4:
-            raise ValueError(f"{path} is truncated: the header is missing")
-        hlen = int.from_bytes(blob[pos : pos + 4], "little")
-        pos += 4
-        if len(blob) < pos + hlen:
-            raise ValueError(f"{path} is truncated: the header is incomplete")
-        try:
-            header = json.loads(blob[pos : pos + hlen])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} has a corrupted header: {e}") from None
-        if header.get("format") != "jpq.PQIndex":
-            raise ValueError(f"{path} is not a jpq PQIndex file (format {header.get('format')!r})")
-        if header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {header.get('version')}; this jpq reads "
-                             f"version {FORMAT_VERSION}")
-        body = blob[pos + hlen :]
-        if len(body) != header["payload_nbytes"]:
-            raise ValueError(f"{path} is truncated: payload has {len(body)} of "
-                             f"{header['payload_nbytes']} bytes")
-        if hashlib.sha256(body).hexdigest() != header["sha256"]:
-            raise ValueError(f"{path} is corrupted: sha256 checksum mismatch")
+        header, arrays = read_container(path, FORMAT_MAGIC, "jpq.PQIndex", FORMAT_VERSION, "jpq index")
         index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"])
-        for name, spec in header["arrays"].items():
-            a = np.frombuffer(body, dtype=np.dtype(spec["dtype"]), count=int(np.prod(spec["shape"])),
-                              offset=spec["offset"]).reshape(spec["shape"]).copy()
+        for name, a in arrays.items():
             setattr(index, name, a)
         return index
 

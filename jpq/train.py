@@ -24,11 +24,8 @@ validation. Checkpoints every epoch; `resume=True` continues from the last one.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +38,7 @@ from tqdm.auto import tqdm
 from .index import PQIndex
 from .kernels import adc_topk, build_lut
 from .metrics import evaluate
+from .storage import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -338,25 +336,16 @@ class JPQTrainer:
             self.encoder.load_state_dict(st["encoder"])
 
     def _save(self, name: str, payload: dict):
-        if self.out_dir is None:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.out_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, self.out_dir / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if self.out_dir is not None:
+            atomic_torch_save(payload, self.out_dir / name)
 
     def _checkpoint(self, best_state: dict):
         self._save("checkpoint.pt", {
             "config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
             "best": best_state, "optimizer": self.optimizer.state_dict(),
         })
-        (self.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1)) if self.out_dir else None
+        if self.out_dir is not None:
+            atomic_write_json(self.out_dir / "history.json", self.state.history)
 
     def _resume(self):
         path = self.out_dir / "checkpoint.pt" if self.out_dir else None

@@ -62,13 +62,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +81,7 @@ from .kernels import adc_scores, assign
 from .kernels.adc import DOCS_PER_BLOCK
 from .kernels.arrays import array_kind, check_float_matrix, check_k, check_metric, to_numpy_f32
 from .metrics import evaluate
+from .storage import atomic_torch_save, atomic_write_json, read_container, write_container
 from .train import TrainState, ce_loss, holdout_split
 
 log = logging.getLogger(__name__)
@@ -607,12 +604,12 @@ class TreeIndex:
         params = {"d": self.d, "branching": list(self.branching), "M": self.M, "nbits": self.nbits,
                   "metric": self.metric, "opq": self.pq.opq, "init_scale": self.init_scale,
                   "doc_beam": self.doc_beam, "kmeans_metric": self.kmeans_metric}
-        _write_container(path, "jpq.TreeIndex", params, self._arrays())
+        write_container(path, FORMAT_MAGIC, "jpq.TreeIndex", FORMAT_VERSION, params, self._arrays())
 
     @classmethod
     def load(cls, path) -> "TreeIndex":
         """Read a file written by `save`; a foreign, truncated or corrupted file raises ValueError."""
-        header, arrays = _read_container(path, "jpq.TreeIndex")
+        header, arrays = read_container(path, FORMAT_MAGIC, "jpq.TreeIndex", FORMAT_VERSION, "jpq tree index")
         index = cls(header["d"], tuple(header["branching"]), header["M"], header["nbits"], header["metric"],
                     header["opq"], header["init_scale"], header["doc_beam"], header["kmeans_metric"])
         index.pq.codes = arrays["codes"]
@@ -634,68 +631,6 @@ def _check_beam(beam) -> int:
     return int(beam)
 
 
-# --------------------------------------------------------------------------- file container
-def _write_container(path, fmt: str, params: dict, arrays: dict):
-    """PQIndex.save's layout for any array set: FORMAT_MAGIC, uint32 header length, JSON header
-    (format, version, params, array table, payload sha256), raw little-endian arrays; written to a
-    temp file in the same folder, fsync'ed, then renamed over `path`."""
-    payload = io.BytesIO()
-    table = {}
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        table[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": payload.tell(), "nbytes": a.nbytes}
-        payload.write(a.tobytes())
-    body = payload.getvalue()
-    header = json.dumps({"format": fmt, "version": FORMAT_VERSION, **params, "arrays": table,
-                         "payload_nbytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}).encode()
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpq", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(FORMAT_MAGIC)
-            f.write(len(header).to_bytes(4, "little"))
-            f.write(header)
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _read_container(path, fmt: str):
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        blob = f.read()
-    if blob[: len(FORMAT_MAGIC)] != FORMAT_MAGIC:
-        raise ValueError(f"{path} is not a jpq tree index file (bad magic bytes)")
-    pos = len(FORMAT_MAGIC)
-    if len(blob) < pos + 4:
-        raise ValueError(f"{path} is truncated: the header is missing")
-    hlen = int.from_bytes(blob[pos : pos + 4], "little")
-    pos += 4
-    if len(blob) < pos + hlen:
-        raise ValueError(f"{path} is truncated: the header is incomplete")
-    try:
-        header = json.loads(blob[pos : pos + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} has a corrupted header: {e}") from None
-    if header.get("format") != fmt:
-        raise ValueError(f"{path} is not a {fmt} file (format {header.get('format')!r})")
-    if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {header.get('version')}; this jpq reads version {FORMAT_VERSION}")
-    body = blob[pos + hlen :]
-    if len(body) != header["payload_nbytes"]:
-        raise ValueError(f"{path} is truncated: payload has {len(body)} of {header['payload_nbytes']} bytes")
-    if hashlib.sha256(body).hexdigest() != header["sha256"]:
-        raise ValueError(f"{path} is corrupted: sha256 checksum mismatch")
-    arrays = {}
-    for name, spec in header["arrays"].items():
-        arrays[name] = np.frombuffer(body, dtype=np.dtype(spec["dtype"]), count=int(np.prod(spec["shape"])),
-                                     offset=spec["offset"]).reshape(spec["shape"]).copy()
-    return header, arrays
 
 
 # --------------------------------------------------------------------------- training
@@ -762,19 +697,6 @@ class TreeRouter(nn.Module):
 
     def params(self):
         return [e.detach() for e in self.embeddings], [c.detach() for c in self.biases], self.log_scales.detach()
-
-
-def _atomic_torch_save(payload, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: torch's writer rejects some temp names
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class TreeTrainer:
@@ -1040,7 +962,7 @@ class TreeTrainer:
     def _checkpoint(self, best_state: dict):
         if self.out_dir is None:
             return
-        _atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
+        atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
                             "best": best_state, "optimizer": self.optimizer.state_dict()},
                            self.out_dir / "checkpoint.pt")
         (self.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
@@ -1124,7 +1046,7 @@ class TreeTrainer:
             self._checkpoint(best_state)
         self._load_model_state(best_state)
         if self.out_dir is not None:
-            _atomic_torch_save({"config": asdict(cfg), "state": asdict(self.state), "model": best_state},
+            atomic_torch_save({"config": asdict(cfg), "state": asdict(self.state), "model": best_state},
                                self.out_dir / "best.pt")
         return self.state.history
 
@@ -1215,7 +1137,7 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     "test", else "dev", else "validation" (as jpq.pipeline picks).
 
     dataset: a jpq.data.BeirDataset; doc_emb (N, d) / query_emb (nq, d) float32 aligned with
-    dataset.corpus_ids / dataset.query_ids. Writes out_dir/{stem}.json (records + settings),
+    dataset.corpus_ids / dataset.query_ids. Writes out_dir/{stem}.json (the list of records), {stem}-details.json (curves, settings),
     {stem}.md (table) and {stem}.png (quality vs fraction scored); checkpoints go to
     checkpoint_dir ("auto": out_dir/tree_train; None: none).
     Returns records {method, fraction_target, fraction_scored, leaves, knob, recall@100,
@@ -1312,18 +1234,13 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
         "train_seconds": round(train_seconds, 1), "config": asdict(config), "exact_flat": exact,
         "unseen_positive_queries": breakdown, "history": trainer.state.history,
     }
-    _write_json(out_dir / f"{stem}.json", {"records": records, "curves": curves, "settings": settings})
+    atomic_write_json(out_dir / f"{stem}.json", records)  # a list of records, like the PQ demo
+    atomic_write_json(out_dir / f"{stem}-details.json", {"curves": curves, "settings": settings})
     (out_dir / f"{stem}.md").write_text(_demo_markdown(records, settings))
     _demo_plot(curves, records, settings, out_dir / f"{stem}.png")
     return records
 
 
-def _write_json(path: Path, obj):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; this is a results file
-    os.replace(tmp, path)
 
 
 def _demo_markdown(records: list[dict], s: dict) -> str:

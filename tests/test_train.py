@@ -87,7 +87,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
 
 
 def test_trained_index_saves_loads_and_exports_to_faiss(tmp_path):
-    faiss = pytest.importorskip("faiss")
+    pytest.importorskip("faiss")
     trainer = make_trainer("centroids", epochs=2)
     trainer.fit()
     index = trainer.trained_index()
