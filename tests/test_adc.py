@@ -10,7 +10,9 @@ from tolerances import assert_close
 
 BACKENDS = backend_params()
 
-# (M, K, ds, N, nq, k): powers of two and awkward sizes, empty, k > N, one and many queries
+# (M, K, ds, N, nq, k): powers of two and awkward sizes, empty, k > N, one and many queries.
+# CPU branches: nq <= FEW_QUERIES (4) -> one scan per query (nq = 1, 2, 3); larger nq -> the
+# multi-query kernel (7, 64), and nq > QUERIES_PER_TILE (65) -> several query tiles.
 SHAPES = [
     (1, 256, 4, 17, 1, 5),
     (2, 16, 3, 0, 3, 4),
