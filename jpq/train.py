@@ -162,7 +162,34 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-class JPQTrainer:
+class Checkpointing:
+    """Checkpoint / resume for a trainer with `out_dir`, `cfg` (a dataclass), `state` (TrainState),
+    `optimizer`, `_model_state()` and `_load_model_state(st)`."""
+
+    def _checkpoint(self, best_state: dict):
+        if self.out_dir is None:
+            return
+        atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
+                           "best": best_state, "optimizer": self.optimizer.state_dict()},
+                          self.out_dir / "checkpoint.pt")
+        atomic_write_json(self.out_dir / "history.json", self.state.history)
+
+    def _resume(self):
+        """Load the last checkpoint (if any) and return the best model state saved with it."""
+        path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        if path is None or not path.exists():
+            return None
+        ck = torch.load(path, weights_only=False)
+        if ck["config"] != asdict(self.cfg):
+            raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
+        self._load_model_state(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.state = TrainState(**ck["state"])
+        log.info("resumed from %s after epoch %d", path, self.state.epoch)
+        return ck["best"]
+
+
+class JPQTrainer(Checkpointing):
     """Train a query tower and/or PQ centroids against a compressed (or identity) index.
 
     Args:
@@ -338,31 +365,6 @@ class JPQTrainer:
         if st["encoder"] is not None:
             self.encoder.load_state_dict(st["encoder"])
 
-    def _save(self, name: str, payload: dict):
-        if self.out_dir is not None:
-            atomic_torch_save(payload, self.out_dir / name)
-
-    def _checkpoint(self, best_state: dict):
-        self._save("checkpoint.pt", {
-            "config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
-            "best": best_state, "optimizer": self.optimizer.state_dict(),
-        })
-        if self.out_dir is not None:
-            atomic_write_json(self.out_dir / "history.json", self.state.history)
-
-    def _resume(self):
-        path = self.out_dir / "checkpoint.pt" if self.out_dir else None
-        if path is None or not path.exists():
-            return None
-        ck = torch.load(path, weights_only=False)
-        if ck["config"] != asdict(self.cfg):
-            raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
-        self._load_model_state(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.state = TrainState(**ck["state"])
-        log.info("resumed from %s after epoch %d", path, self.state.epoch)
-        return ck["best"]
-
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
         """Train, select the best epoch on the held-out queries, and load it.
@@ -413,7 +415,9 @@ class JPQTrainer:
                      cfg.val_metric, score, self.state.best_score, self.state.best_epoch)
             self._checkpoint(best_state)
         self._load_model_state(best_state)
-        self._save("best.pt", {"config": asdict(cfg), "state": asdict(self.state), "model": best_state})
+        if self.out_dir is not None:
+            atomic_torch_save({"config": asdict(cfg), "state": asdict(self.state), "model": best_state},
+                              self.out_dir / "best.pt")
         return self.state.history
 
     # ------------------------------------------------------------------ results

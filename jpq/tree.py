@@ -82,7 +82,7 @@ from .kernels.adc import DOCS_PER_BLOCK
 from .kernels.arrays import array_kind, check_float_matrix, check_k, check_metric, to_numpy_f32
 from .metrics import evaluate
 from .storage import atomic_torch_save, atomic_write_json, read_container, write_container
-from .train import TrainState, ce_loss, holdout_split
+from .train import Checkpointing, TrainState, ce_loss, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -699,7 +699,7 @@ class TreeRouter(nn.Module):
         return [e.detach() for e in self.embeddings], [c.detach() for c in self.biases], self.log_scales.detach()
 
 
-class TreeTrainer:
+class TreeTrainer(Checkpointing):
     """Train the tree's routing jointly with the query tower (and optionally a document tower).
 
     Args:
@@ -958,27 +958,6 @@ class TreeTrainer:
         self.leaf_of = st["leaf_of"].copy()
         self.pq = copy.deepcopy(st["pq"])
         self.xhat = torch.from_numpy(self.pq.decode(self.pq.codes))
-
-    def _checkpoint(self, best_state: dict):
-        if self.out_dir is None:
-            return
-        atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
-                            "best": best_state, "optimizer": self.optimizer.state_dict()},
-                           self.out_dir / "checkpoint.pt")
-        (self.out_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
-
-    def _resume(self):
-        path = self.out_dir / "checkpoint.pt" if self.out_dir else None
-        if path is None or not path.exists():
-            return None
-        ck = torch.load(path, weights_only=False)
-        if ck["config"] != asdict(self.cfg):
-            raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
-        self._load_model_state(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.state = TrainState(**ck["state"])
-        log.info("resumed from %s after epoch %d", path, self.state.epoch)
-        return ck["best"]
 
     # ------------------------------------------------------------------ loop
     def _validate(self, logs: list | None = None) -> tuple[float, dict]:

@@ -122,6 +122,21 @@ def _heap_replace_root(hv, hi, v, i):
     hi[pos] = i
 
 
+@nb.njit(fastmath=FASTMATH, cache=True, inline="always")
+def _score_block(codes, lut_mkq, start, rows, block):
+    """block[i, :] = sum_m lut_mkq[m, codes[start + i, m], :] for i < rows (Q floats per gather)."""
+    M = codes.shape[1]
+    Q = lut_mkq.shape[2]
+    block[:rows] = 0.0
+    for m in range(M):
+        lut_m = lut_mkq[m]
+        for i in range(rows):
+            lut_row = lut_m[codes[start + i, m]]
+            acc = block[i]
+            for q in range(Q):
+                acc[q] += lut_row[q]
+
+
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _topk_many_queries(codes, lut_mkq, heap_v, heap_i):
     """codes (N, M) u8; lut_mkq (M, K, Q) f32 (higher = better); heap_v/heap_i (P, Q, k)."""
@@ -135,14 +150,7 @@ def _topk_many_queries(codes, lut_mkq, heap_v, heap_i):
         block = np.empty((DOCS_PER_BLOCK, Q), np.float32)
         for s in range(start, stop, DOCS_PER_BLOCK):
             rows = min(stop, s + DOCS_PER_BLOCK) - s
-            block[:rows] = 0.0
-            for m in range(M):
-                lut_m = lut_mkq[m]
-                for i in range(rows):
-                    lut_row = lut_m[codes[s + i, m]]
-                    acc = block[i]
-                    for q in range(Q):
-                        acc[q] += lut_row[q]
+            _score_block(codes, lut_mkq, s, rows, block)
             for q in range(Q):
                 hv = heap_v[p, q]
                 hi = heap_i[p, q]
@@ -180,14 +188,8 @@ def _scores_many_queries(codes, lut_mkq, out):
     for b in nb.prange(nblocks):
         s = b * DOCS_PER_BLOCK
         rows = min(n, s + DOCS_PER_BLOCK) - s
-        block = np.zeros((rows, Q), np.float32)
-        for m in range(M):
-            lut_m = lut_mkq[m]
-            for i in range(rows):
-                lut_row = lut_m[codes[s + i, m]]
-                acc = block[i]
-                for q in range(Q):
-                    acc[q] += lut_row[q]
+        block = np.empty((rows, Q), np.float32)
+        _score_block(codes, lut_mkq, s, rows, block)
         for i in range(rows):
             for q in range(Q):
                 out[q, s + i] = block[i, q]
