@@ -93,7 +93,7 @@ def cmd_train(args):
     if args.index == "tree":
         from .tree import train_tree_cli
 
-        train_tree_cli(ws, out, seed=args.seed, progress=not args.quiet)
+        train_tree_cli(ws, out, seed=args.seed, progress=not args.quiet, resume=args.resume)
         return
     index = None
     if args.mode != "encoder":
