@@ -174,6 +174,26 @@ class Checkpointing:
                           self.out_dir / "checkpoint.pt")
         atomic_write_json(self.out_dir / "history.json", self.state.history)
 
+    def _close_epoch(self, rec: dict, best_state: dict) -> dict:
+        """Record an epoch (rec has "epoch", "val", "loss"), keep the best state, checkpoint."""
+        self.state.history.append(rec)
+        self.state.epoch = rec["epoch"]
+        if rec["val"] > self.state.best_score:
+            self.state.best_score, self.state.best_epoch = rec["val"], rec["epoch"]
+            best_state = self._model_state()
+        log.info("epoch %d: loss %.4f, val %.4f (best %.4f at epoch %d)", rec["epoch"], rec["loss"],
+                 rec["val"], self.state.best_score, self.state.best_epoch)
+        self._checkpoint(best_state)
+        return best_state
+
+    def _finish(self, best_state: dict) -> list:
+        """Load the selected (best) state, save it as best.pt; returns the history."""
+        self._load_model_state(best_state)
+        if self.out_dir is not None:
+            atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": best_state},
+                              self.out_dir / "best.pt")
+        return self.state.history
+
     def _resume(self):
         """Load the last checkpoint (if any) and return the best model state saved with it."""
         path = self.out_dir / "checkpoint.pt" if self.out_dir else None
@@ -406,19 +426,8 @@ class JPQTrainer(Checkpointing):
             score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else -float(np.mean([l["loss"] for l in logs]))
             rec = {"epoch": epoch, "val": score, "loss": float(np.mean([l["loss"] for l in logs])),
                    "recon": float(np.mean([l["recon"] for l in logs])), "seconds": time.perf_counter() - t0}
-            self.state.history.append(rec)
-            self.state.epoch = epoch
-            if score > self.state.best_score:
-                self.state.best_score, self.state.best_epoch = score, epoch
-                best_state = self._model_state()
-            log.info("epoch %d: loss %.4f, val %s %.4f (best %.4f at epoch %d)", epoch, rec["loss"],
-                     cfg.val_metric, score, self.state.best_score, self.state.best_epoch)
-            self._checkpoint(best_state)
-        self._load_model_state(best_state)
-        if self.out_dir is not None:
-            atomic_torch_save({"config": asdict(cfg), "state": asdict(self.state), "model": best_state},
-                              self.out_dir / "best.pt")
-        return self.state.history
+            best_state = self._close_epoch(rec, best_state)
+        return self._finish(best_state)
 
     # ------------------------------------------------------------------ results
     def trained_index(self) -> PQIndex:

@@ -81,7 +81,7 @@ from .kernels import adc_scores, assign
 from .kernels.adc import DOCS_PER_BLOCK
 from .kernels.arrays import array_kind, check_float_matrix, check_k, check_metric, to_numpy_f32
 from .metrics import evaluate
-from .storage import atomic_torch_save, atomic_write_json, read_container, write_container
+from .storage import atomic_write_json, read_container, write_container
 from .train import Checkpointing, TrainState, ce_loss, holdout_split
 
 log = logging.getLogger(__name__)
@@ -1015,19 +1015,8 @@ class TreeTrainer(Checkpointing):
             score, detail = self._validate(logs)
             rec = {"epoch": epoch, "val": score, "val_detail": detail, "seconds": time.perf_counter() - t0,
                    **{k: float(np.mean([l[k] for l in logs])) for k in logs[0]}}
-            self.state.history.append(rec)
-            self.state.epoch = epoch
-            if score > self.state.best_score:
-                self.state.best_score, self.state.best_epoch = score, epoch
-                best_state = self._model_state()
-            log.info("epoch %d: loss %.4f, val %.4f (best %.4f at epoch %d)", epoch, rec["loss"], score,
-                     self.state.best_score, self.state.best_epoch)
-            self._checkpoint(best_state)
-        self._load_model_state(best_state)
-        if self.out_dir is not None:
-            atomic_torch_save({"config": asdict(cfg), "state": asdict(self.state), "model": best_state},
-                               self.out_dir / "best.pt")
-        return self.state.history
+            best_state = self._close_epoch(rec, best_state)
+        return self._finish(best_state)
 
     # ------------------------------------------------------------------ results
     def trained_index(self) -> TreeIndex:
