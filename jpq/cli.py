@@ -15,8 +15,10 @@ from .encoders import DEFAULT_MODEL
 log = logging.getLogger("jpq")
 
 
-def _common(p):
-    p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a BEIR name")
+def _common(p, data_required: bool = True):
+    p.add_argument("--data", required=data_required,
+                   help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a BEIR name"
+                        + ("" if data_required else "; without it the demo generates a small synthetic one in OUT/data"))
     p.add_argument("--model", default=DEFAULT_MODEL, help="sentence-transformers model (default: %(default)s)")
     p.add_argument("--embeddings", default=None,
                    help="precomputed embeddings.npz (keys corpus, queries, corpus_ids, query_ids); "
@@ -58,8 +60,15 @@ def _workspace(args):
 def cmd_demo(args):
     ratios = [float(r) if "." in r else int(r) for r in args.ratios.split(",")]
     t0 = time.perf_counter()
-    ws = _workspace(args)
     out = Path(args.out)
+    if args.data is None:
+        from .data import make_synthetic_beir
+
+        args.data = str(out / "data")
+        if not (out / "data" / "corpus.jsonl").exists():
+            make_synthetic_beir(out / "data", seed=args.seed)
+        print(f"no --data: generated a synthetic BEIR folder in {args.data}")
+    ws = _workspace(args)
     if args.index == "tree":
         from .tree import run_tree_demo
 
@@ -158,7 +167,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the quality-vs-compression table on a BEIR folder")
-    _common(d)
+    _common(d, data_required=False)
     d.add_argument("--out", required=True)
     d.add_argument("--ratios", default="16,32,64,96", help="compression ratios (default: %(default)s)")
     d.add_argument("--index", choices=("pq", "tree"), default="pq")

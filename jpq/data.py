@@ -270,3 +270,40 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
             while chunk := r.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
+
+
+SYNTHETIC_TOPICS = ("protein folding", "vaccine trials", "neural networks", "climate models",
+                    "gene expression", "dark matter", "soil bacteria", "heart disease", "quantum dots",
+                    "sleep patterns", "ocean currents", "drug resistance")
+
+
+def make_synthetic_beir(root: str | os.PathLike, n_docs: int = 1200, n_queries: int = 300,
+                        test_fraction: float = 0.3, seed: int = 0) -> Path:
+    """Write a small BEIR-format folder of generated claim / abstract pairs (for `jpq demo`
+    without data, and for tests). Each query paraphrases one document: its topic, cohort number
+    and method; ~1/3 of the test queries point to documents no training query points to.
+    Returns the folder."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    docs = []
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(n_docs):
+            topic = SYNTHETIC_TOPICS[i % len(SYNTHETIC_TOPICS)]
+            method = f"method {int(rng.integers(1, 60))}"
+            docs.append((topic, i, method))
+            f.write(json.dumps({"_id": f"d{i}", "title": f"{topic.capitalize()} in cohort {i}",
+                                "text": f"We study {topic} in cohort {i} using {method}; "
+                                        f"the effect size was {rng.uniform(0.1, 3):.2f}."}) + "\n")
+    n_test = int(round(test_fraction * n_queries))
+    train_docs = rng.choice(n_docs, n_queries - n_test, replace=True)
+    test_docs = np.concatenate([rng.choice(train_docs, n_test - n_test // 3), rng.choice(n_docs, n_test // 3)])
+    rows = {"train": [], "test": []}
+    with open(root / "queries.jsonl", "w") as f:
+        for j, (split, d) in enumerate([("train", d) for d in train_docs] + [("test", d) for d in test_docs]):
+            topic, cohort, method = docs[int(d)]
+            f.write(json.dumps({"_id": f"q{j}", "text": f"Does {method} change {topic} outcomes in cohort {cohort}?"}) + "\n")
+            rows[split].append(f"q{j}\td{int(d)}\t1")
+    for split, lines in rows.items():
+        (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(lines) + "\n")
+    return root

