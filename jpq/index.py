@@ -122,7 +122,22 @@ def unpack_codes(packed: np.ndarray, M: int, nbits: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- index
-class PQIndex:
+class VectorIndexInput:
+    """Input checks shared by the indexes (PQIndex, TreeIndex): needs `d` and `is_trained`."""
+
+    def _vectors(self, name: str, x) -> np.ndarray:
+        array_kind(**{name: x})
+        check_float_matrix(name, x)
+        if x.shape[1] != self.d:
+            raise ValueError(f"{name} must have shape (n, {self.d}), got {tuple(x.shape)}")
+        return to_numpy_f32(x)
+
+    def _require_trained(self):
+        if not self.is_trained:
+            raise RuntimeError("the index is not trained: call train(x) or load a trained index first")
+
+
+class PQIndex(VectorIndexInput):
     """Product-quantization index with ADC search.
 
     Args:
@@ -181,17 +196,6 @@ class PQIndex:
                 f"opq={self.opq}, ntotal={self.ntotal})")
 
     # ------------------------------------------------------------------ helpers
-    def _vectors(self, name: str, x) -> np.ndarray:
-        array_kind(**{name: x})
-        check_float_matrix(name, x)
-        if x.shape[1] != self.d:
-            raise ValueError(f"{name} must have shape (n, {self.d}), got {tuple(x.shape)}")
-        return to_numpy_f32(x)
-
-    def _require_trained(self):
-        if not self.is_trained:
-            raise RuntimeError("the index is not trained: call train(x) or load a trained index first")
-
     def rotate(self, x: np.ndarray) -> np.ndarray:
         """Apply the OPQ rotation (identity without OPQ). x: (n, d) float32."""
         return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)

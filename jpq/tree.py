@@ -76,10 +76,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .index import PQIndex, train_pq_centroids
+from .index import PQIndex, VectorIndexInput, train_pq_centroids
 from .kernels import adc_scores, assign
 from .kernels.adc import DOCS_PER_BLOCK
-from .kernels.arrays import array_kind, check_float_matrix, check_k, check_metric, to_numpy_f32
+from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
 from .metrics import evaluate
 from .storage import atomic_write_json, read_container, write_container
 from .train import Checkpointing, TrainState, ce_loss, holdout_split
@@ -298,7 +298,7 @@ class ResidualLinear(nn.Module):
 
 
 # --------------------------------------------------------------------------- index
-class TreeIndex:
+class TreeIndex(VectorIndexInput):
     """A tree of learned routing nodes over PQ-coded leaves.
 
     Args:
@@ -383,17 +383,6 @@ class TreeIndex:
                 f"metric={self.metric!r}, ntotal={self.ntotal})")
 
     # ------------------------------------------------------------------ helpers
-    def _vectors(self, name: str, x) -> np.ndarray:
-        array_kind(**{name: x})
-        check_float_matrix(name, x)
-        if x.shape[1] != self.d:
-            raise ValueError(f"{name} must have shape (n, {self.d}), got {tuple(x.shape)}")
-        return to_numpy_f32(x)
-
-    def _require_trained(self):
-        if not self.is_trained:
-            raise RuntimeError("the index is not trained: call train(x) or load a trained index first")
-
     def routing_params(self, dtype=torch.float32):
         """(embeddings, biases, log_scales) as torch tensors (copies)."""
         self._require_trained()
