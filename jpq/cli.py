@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import sys
 import time
@@ -109,13 +110,16 @@ def cmd_train(args):
         M = args.M or m_for_ratio(ws.d, args.ratio)
         index = build_index(ws.doc_emb, M, opq=True, seed=args.seed)
     cfg = _config(args)
-    trainer, secs = train_run(ws, cfg, index, out, resume=args.resume, progress=not args.quiet)
+    trainer, secs, selection = train_run(ws, cfg, index, out, resume=args.resume, progress=not args.quiet)
     if index is not None:
         trainer.trained_index().save(out / "index.jpq")
     if trainer.encoder is not None and args.mode != "centroids":
         trainer.encoder.model.save(str(out / "query-encoder"))
-    print(json.dumps({"seconds": round(secs, 1), "best_epoch": trainer.state.best_epoch,
-                      "history": trainer.state.history}, indent=1))
+    print(json.dumps({"seconds": round(secs, 1), "selected_epochs": selection.best_epoch,
+                      "val": selection.best_score if math.isfinite(selection.best_score) else None, "refit": trainer.state is not selection,
+                      "history": selection.history,
+                      **({"refit_history": trainer.state.history} if trainer.state is not selection else {})},
+                     indent=1))
 
 
 def _load_queries(args, ws):

@@ -10,6 +10,7 @@ are kept in --out and skipped when the demo is started again (resume).
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from dataclasses import asdict
@@ -35,6 +36,14 @@ def _record(method, ratio, M, metrics, seconds, **extra):
             "train_seconds": round(float(seconds), 2), **extra}
 
 
+def _selected(selection, trainer) -> dict:
+    """What the held-out selection chose (epochs, its validation score) and whether the returned
+    model was refit on all training queries."""
+    val = float(selection.best_score)
+    return {"best_epoch": selection.best_epoch, "val": round(val, 6) if math.isfinite(val) else None,
+            "refit": trainer.state is not selection}
+
+
 def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | None = None, seed: int = 0,
              progress: bool = True, centroid_lrs=DEFAULT_CENTROID_LRS) -> list[dict]:
     """Run every method at every ratio; returns the records (also written to out_dir)."""
@@ -56,10 +65,11 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
         keep(_record("uncompressed", 1, None, evaluate_vectors(ws, q_test, None, test_ids), 0.0))
     if ("uncompressed-trained", 1) not in done:
         cfg = TrainConfig(**{**asdict(config), "mode": "encoder"})
-        trainer, secs = train_run(ws, cfg, None, out_dir / "checkpoints" / "uncompressed-trained", progress=progress)
+        trainer, secs, sel = train_run(ws, cfg, None, out_dir / "checkpoints" / "uncompressed-trained",
+                                       progress=progress)
         keep(_record("uncompressed-trained", 1, None,
                      evaluate_vectors(ws, trainer.encode_queries(test_texts), None, test_ids), secs,
-                     best_epoch=trainer.state.best_epoch))
+                     **_selected(sel, trainer)))
     for ratio in ratios:
         M = m_for_ratio(ws.d, ratio)
         true_ratio = round(4 * ws.d / M, 2)
@@ -74,24 +84,25 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             runs = []
             for lr in centroid_lrs:
                 cfg = TrainConfig(**{**asdict(config), "mode": "centroids", "lr_centroids": lr})
-                trainer, secs = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"jpq-centroids-{ratio}-lr{lr:g}",
-                                          progress=progress)
-                runs.append((trainer.state.best_score, -lr, trainer, secs))
-            val, neg_lr, trainer, _ = max(runs, key=lambda r: r[:2])  # ties: the gentler rate
+                trainer, secs, sel = train_run(ws, cfg, indexes["opq"],
+                                               out_dir / "checkpoints" / f"jpq-centroids-{ratio}-lr{lr:g}",
+                                               progress=progress)
+                runs.append((sel.best_score, -lr, trainer, secs, sel))
+            _, neg_lr, trainer, _, sel = max(runs, key=lambda r: r[:2])  # ties: the gentler rate
             index = trainer.trained_index()
             keep(_record("jpq-centroids", ratio, M, evaluate_vectors(ws, q_test, index, test_ids),
                          sum(r[3] for r in runs), bytes_per_vector=M, exact_ratio=true_ratio,
-                         best_epoch=trainer.state.best_epoch, lr_centroids=-neg_lr, val=round(val, 6)))
+                         lr_centroids=-neg_lr, **_selected(sel, trainer)))
             index.save(out_dir / "checkpoints" / f"jpq-centroids-{ratio}.jpq")
         if ("jpq", ratio) not in done:
             lr = done[("jpq-centroids", ratio)].get("lr_centroids", config.lr_centroids)
             cfg = TrainConfig(**{**asdict(config), "mode": "jpq", "lr_centroids": lr})
-            trainer, secs = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"jpq-{ratio}",
-                                      progress=progress)
+            trainer, secs, sel = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"jpq-{ratio}",
+                                           progress=progress)
             index = trainer.trained_index()
             keep(_record("jpq", ratio, M, evaluate_vectors(ws, trainer.encode_queries(test_texts), index, test_ids),
-                         secs, bytes_per_vector=M, exact_ratio=true_ratio, best_epoch=trainer.state.best_epoch,
-                         lr_centroids=lr, val=round(trainer.state.best_score, 6)))
+                         secs, bytes_per_vector=M, exact_ratio=true_ratio, lr_centroids=lr,
+                         **_selected(sel, trainer)))
             index.save(out_dir / "checkpoints" / f"jpq-{ratio}.jpq")
     order = {m: i for i, m in enumerate(METHODS)}
     records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))

@@ -64,6 +64,12 @@ class SentenceEncoder(nn.Module):
         features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         return self.model(features)["sentence_embedding"]
 
+    def text_lengths(self, texts: list[str]) -> list[int]:
+        """Token counts (capped at max_seq_length): what a batch of these texts pads to."""
+        tokenizer = self.model.tokenizer
+        cap = self.model.max_seq_length or 10**9
+        return [min(len(ids), cap) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "encode") -> np.ndarray:
         was_training = self.training

@@ -3,6 +3,7 @@ training runs and test-split evaluation."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import logging
 import os
@@ -146,16 +147,30 @@ def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: l
 
 def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir: Path | None,
               resume: bool = True, progress: bool = True):
-    """One training run; returns (trainer, seconds). A fresh copy of the encoder is trained so
-    runs never leak into each other."""
+    """One training run; returns (trainer, seconds, selection).
+
+    The run selects its epoch count on held-out training queries (`selection`: the TrainState of
+    that run, with `best_epoch` and `best_score`). With `config.refit` (the default) a second
+    trainer then starts again from the same initial state and trains on all training queries for
+    `best_epoch` epochs, in `out_dir/refit`; that one is returned. When epoch 0 (the initial
+    state) wins the selection, nothing is retrained. Every trainer gets fresh copies of the
+    encoder and the index, so runs never leak into each other."""
     t0 = time.perf_counter()
-    encoder = None
-    if config.mode in ("jpq", "encoder"):
-        encoder = copy.deepcopy(ws.encoder)
     rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    index = copy.deepcopy(index) if index is not None else None
-    trainer = JPQTrainer(config, ws.doc_emb, index, ws.train_ids(), ws.train_qrels_by_row(),
-                         query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
-                         out_dir=out_dir, progress=progress)
+
+    def make(cfg: TrainConfig, out: Path | None) -> JPQTrainer:
+        encoder = copy.deepcopy(ws.encoder) if cfg.mode in ("jpq", "encoder") else None
+        return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
+                          query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
+                          out_dir=out, progress=progress)
+
+    trainer = make(config, out_dir)
     trainer.fit(resume=resume)
-    return trainer, time.perf_counter() - t0
+    selection = trainer.state
+    if config.refit and trainer.val_ids and selection.best_epoch > 0:
+        log.info("refit: %d epochs on all %d training queries", selection.best_epoch,
+                 len(trainer.train_ids) + len(trainer.val_ids))
+        trainer = make(dataclasses.replace(config, val_fraction=0.0, epochs=selection.best_epoch),
+                       None if out_dir is None else Path(out_dir) / "refit")
+        trainer.fit(resume=resume)
+    return trainer, time.perf_counter() - t0, selection

@@ -14,12 +14,13 @@ Per step, for a batch of training queries:
 Modes: "jpq" (encoder + centroids), "centroids" (encoder frozen: query vectors are computed once),
 "encoder" (uncompressed-trained / ADORE-style: the index is the identity, documents exact).
 
-Model selection: part of the training queries is held out. The held-out queries are chosen so
-that none of their relevant documents is relevant to a kept training query (whole connected
-groups of queries that share positives move together), so validation measures what the test split
-asks (documents no training query points to) rather than memorisation. The epoch-0 state (the
-post-hoc index) is evaluated too, so the selected model is never worse than the initialisation on
-validation. Checkpoints every epoch; `resume=True` continues from the last one.
+Model selection: part of the training queries is held out (at random by default; with
+holdout="disjoint", whole groups of queries that share positives move together, so validation
+measures documents no training query points to). The epoch-0 state (the post-hoc index) is
+evaluated too, so the selected model is never worse than the initialisation on validation. With
+`refit` (default), `jpq.pipeline.train_run` then trains again from the start on all training
+queries for the selected number of epochs. Without held-out queries every epoch runs and the last
+one is kept. Checkpoints every epoch; `resume=True` continues from the last one.
 """
 from __future__ import annotations
 
@@ -73,6 +74,13 @@ class TrainConfig:
     # parameters, its dense gradient and AdamW update cost a large share of a CPU step, and a few
     # hundred training queries cannot train a 30k-row vocabulary anyway
     freeze_token_embeddings: bool = True
+    # batches of similar-length texts (sorted within windows of 8 batches, batch order shuffled):
+    # a random batch of SciFact's training queries pads to 1.94x their tokens, a bucketed one to 1.15x
+    bucket_by_length: bool = True
+    # after the epoch count is selected on the held-out queries, train again from the start on
+    # all training queries for that many epochs (the held-out fifth carries positives that test
+    # queries share: on SciFact, nested hold-out, +0.03-0.04 nDCG@10 over the selected run)
+    refit: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -177,14 +185,17 @@ class Checkpointing:
         atomic_write_json(self.out_dir / "history.json", self.state.history)
 
     def _close_epoch(self, rec: dict, best_state: dict) -> dict:
-        """Record an epoch (rec has "epoch", "val", "loss"), keep the best state, checkpoint."""
+        """Record an epoch (rec has "epoch", "val", "loss"), keep the best state, checkpoint.
+        A record whose "val" is None (no held-out queries) is always kept: the latest epoch wins."""
         self.state.history.append(rec)
         self.state.epoch = rec["epoch"]
-        if rec["val"] > self.state.best_score:
-            self.state.best_score, self.state.best_epoch = rec["val"], rec["epoch"]
+        if rec["val"] is None or rec["val"] > self.state.best_score:
+            if rec["val"] is not None:
+                self.state.best_score = rec["val"]
+            self.state.best_epoch = rec["epoch"]
             best_state = self._model_state()
-        log.info("epoch %d: loss %.4f, val %.4f (best %.4f at epoch %d)", rec["epoch"], rec["loss"],
-                 rec["val"], self.state.best_score, self.state.best_epoch)
+        log.info("epoch %d: loss %.4f, val %s (selected: epoch %d)", rec["epoch"], rec["loss"],
+                 "-" if rec["val"] is None else f"{rec['val']:.4f}", self.state.best_epoch)
         self._checkpoint(best_state)
         return best_state
 
@@ -279,6 +290,7 @@ class JPQTrainer(Checkpointing):
         self.optimizer = torch.optim.AdamW(groups)
         self.state = TrainState()
         self.X_t = torch.from_numpy(self.X)
+        self._text_length = None  # query id -> length, for bucket_by_length
 
     # ------------------------------------------------------------------ embeddings
     def _queries(self, ids: list[str], grad: bool) -> torch.Tensor:
@@ -388,6 +400,27 @@ class JPQTrainer(Checkpointing):
             self.encoder.load_state_dict(st["encoder"])
 
     # ------------------------------------------------------------------ loop
+    def _batches(self, rng: np.random.Generator) -> list[list[str]]:
+        """One epoch's batches of training query ids. With `bucket_by_length` (and a text tower
+        being trained), a shuffled order is cut into windows of 8 batches, each window sorted by
+        text length (the encoder's `text_lengths(texts)` when it has one, e.g. token counts, else
+        characters) and split into batches, and the batches shuffled: little padding, still random."""
+        bs = self.cfg.batch_size
+        order = [self.train_ids[i] for i in rng.permutation(len(self.train_ids))]
+        if self.cfg.bucket_by_length and self.train_encoder:
+            if self._text_length is None:
+                ids = self.train_ids
+                counter = getattr(self.encoder, "text_lengths", None)  # tokens; else characters
+                lengths = counter([self.query_texts[q] for q in ids]) if callable(counter) else \
+                    [len(self.query_texts[q]) for q in ids]
+                self._text_length = dict(zip(ids, lengths))
+            window = 8 * bs
+            order = [q for s in range(0, len(order), window)
+                     for q in sorted(order[s : s + window], key=self._text_length.__getitem__)]
+            batches = [order[s : s + bs] for s in range(0, len(order), bs)]
+            return [batches[i] for i in rng.permutation(len(batches))]
+        return [order[s : s + bs] for s in range(0, len(order), bs)]
+
     def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
         """Train, select the best epoch on the held-out queries, and load it.
 
@@ -397,12 +430,13 @@ class JPQTrainer(Checkpointing):
         cfg = self.cfg
         best_state = self._resume() if resume else None
         if self.state.epoch == 0 and not self.state.history:
-            # without held-out queries the score is -training loss, so the untrained state ranks last
-            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else -math.inf
+            # without held-out queries nothing is selected: all cfg.epochs run and the last is kept
+            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else None
             self.state.history.append({"epoch": 0, "val": score, "seconds": 0.0})
-            self.state.best_score, self.state.best_epoch = score, 0
+            self.state.best_score, self.state.best_epoch = -math.inf if score is None else score, 0
             best_state = self._model_state()
-            log.info("epoch 0 (initial): val %s %.4f", cfg.val_metric, score)
+            if score is not None:
+                log.info("epoch 0 (initial): val %s %.4f", cfg.val_metric, score)
         while self.state.epoch < cfg.epochs:
             if self.state.epoch - self.state.best_epoch >= cfg.patience:
                 log.info("early stop: no validation gain for %d epochs", cfg.patience)
@@ -411,9 +445,7 @@ class JPQTrainer(Checkpointing):
                 return self.state.history
             epoch = self.state.epoch + 1
             t0 = time.perf_counter()
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.train_ids))
-            batches = [[self.train_ids[i] for i in order[s : s + cfg.batch_size]]
-                       for s in range(0, len(order), cfg.batch_size)]
+            batches = self._batches(np.random.default_rng([cfg.seed, epoch]))
             if self.encoder is not None:
                 self.encoder.train(self.train_encoder)
             logs = []
@@ -425,7 +457,7 @@ class JPQTrainer(Checkpointing):
                     logs.append(self.step(ids))
             if self.encoder is not None:
                 self.encoder.eval()
-            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else -float(np.mean([l["loss"] for l in logs]))
+            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else None
             rec = {"epoch": epoch, "val": score, "loss": float(np.mean([l["loss"] for l in logs])),
                    "recon": float(np.mean([l["recon"] for l in logs])), "seconds": time.perf_counter() - t0}
             best_state = self._close_epoch(rec, best_state)

@@ -142,3 +142,90 @@ def test_config_and_trainer_validation():
 def test_m_for_ratio_matches_the_demo_table():
     assert [m_for_ratio(384, r) for r in (16, 32, 64, 96)] == [96, 48, 24, 16]
     assert m_for_ratio(768, 32) == 96
+
+
+def test_without_held_out_queries_every_epoch_runs_and_the_last_is_kept():
+    trainer = make_trainer("jpq", epochs=3, val_fraction=0.0)
+    assert trainer.val_ids == []
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert all(h["val"] is None for h in history)
+    assert trainer.state.best_epoch == 3
+    # the kept state is the last epoch's: one more trainer stopped after 3 of 5 epochs agrees
+    cut = make_trainer("jpq", epochs=5, val_fraction=0.0)
+    cut.fit(stop_after_epoch=3)
+    torch.testing.assert_close(trainer.centroids, cut.centroids, rtol=0, atol=0)
+
+
+class TextLengthEncoder(ToyEncoder):
+    """ToyEncoder whose query texts have different lengths ("q<i>" + padding)."""
+
+    def forward(self, texts):
+        return super().forward([t.split()[0] for t in texts])
+
+
+def test_length_bucketed_batches_cover_every_query_once_with_little_padding():
+    X, Q, ids, qrels = synthetic_task(0)
+    rng = np.random.default_rng(5)
+    texts = {q: q + " " + "x " * int(rng.integers(0, 60)) for q in ids}
+    cfg = TrainConfig(mode="encoder", batch_size=16, val_fraction=0.0)
+    trainer = JPQTrainer(cfg, X, None, ids, qrels, query_texts=texts, encoder=TextLengthEncoder(Q), progress=False)
+    batches = trainer._batches(np.random.default_rng(0))
+    flat = [q for b in batches for q in b]
+    assert sorted(flat) == sorted(ids) and len(flat) == len(ids)
+    assert all(len(b) <= 16 for b in batches)
+
+    def padded(bs):
+        return sum(max(len(texts[q]) for q in b) * len(b) for b in bs) / sum(len(texts[q]) for q in ids)
+
+    plain = JPQTrainer(TrainConfig(mode="encoder", batch_size=16, val_fraction=0.0, bucket_by_length=False), X, None,
+                       ids, qrels, query_texts=texts, encoder=TextLengthEncoder(Q), progress=False)
+    assert padded(batches) < 0.8 * padded(plain._batches(np.random.default_rng(0)))
+    # deterministic for a seed, different across epochs
+    assert trainer._batches(np.random.default_rng(0)) == batches
+    assert trainer._batches(np.random.default_rng(1)) != batches
+    # training through bucketed batches still learns
+    before = trainer.evaluate_ids(ids)["ndcg@10"]
+    trainer.cfg.lr_encoder = 5e-3
+    trainer.optimizer.param_groups[0]["lr"] = 5e-3
+    trainer.fit()
+    assert trainer.evaluate_ids(ids)["ndcg@10"] > before + 0.02
+
+
+def toy_workspace(seed=0):
+    """The synthetic task as a Workspace (documents d<i>, queries q<i> all in the train split)."""
+    from jpq.data import BeirDataset
+    from jpq.pipeline import Workspace
+
+    X, Q, ids, qrels = synthetic_task(seed)
+    doc_ids = [f"d{i}" for i in range(len(X))]
+    ds = BeirDataset(doc_ids, doc_ids, ids, ids,
+                     {"train": {q: {f"d{d}": r for d, r in rel.items()} for q, rel in qrels.items()}, "test": {}},
+                     "toy", "")
+    return Workspace(ds, ToyEncoder(Q), X, Q, "train", "test")
+
+
+def test_train_run_refits_on_all_training_queries_for_the_selected_epochs(tmp_path):
+    from jpq.pipeline import train_run
+
+    ws = toy_workspace()
+    index = jpq.PQIndex(16, 4, nbits=4, metric="ip")
+    index.train(ws.doc_emb, niter=10, seed=0)
+    index.add(ws.doc_emb)
+    initial = index.centroids.copy()
+    cfg = TrainConfig(mode="jpq", epochs=4, batch_size=32, negatives=20, lr_encoder=5e-3, lr_centroids=5e-3, patience=4)
+    trainer, secs, selection = train_run(ws, cfg, index, tmp_path / "run", progress=False)
+    assert selection.best_epoch >= 1 and secs > 0
+    assert trainer.state is not selection and trainer.val_ids == []
+    assert len(trainer.train_ids) == len(ws.train_ids())
+    assert trainer.state.epoch == trainer.state.best_epoch == selection.best_epoch
+    assert (tmp_path / "run" / "refit" / "best.pt").exists()
+    # the index it was given is untouched, and a resumed call reproduces the refit model exactly
+    np.testing.assert_array_equal(index.centroids, initial)
+    assert not np.array_equal(trainer.centroids.detach().numpy(), initial)
+    again, _, sel2 = train_run(ws, cfg, index, tmp_path / "run", progress=False)
+    assert sel2.best_epoch == selection.best_epoch
+    torch.testing.assert_close(again.centroids, trainer.centroids, rtol=0, atol=0)
+    # without refit the selected run itself comes back
+    plain, _, sel3 = train_run(ws, TrainConfig(**{**cfg.__dict__, "refit": False}), index, None, progress=False)
+    assert plain.state is sel3 and len(plain.val_ids) > 0
