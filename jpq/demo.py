@@ -149,6 +149,7 @@ def plot_results(records: list[dict], path: Path, name: str = "") -> None:
                 rs.sort(key=lambda r: r["ratio"])
                 ax.plot([r["ratio"] for r in rs], [r[metric] for r in rs], "o-", label=m)
         ax.set(xscale="log", xlabel="compression ratio (float32 bytes / code bytes)", ylabel=metric, title=metric)
+        ax.minorticks_off()  # log-scale minor labels (3x10^1, ...) would overprint the ratios
         ax.set_xticks(ratios, [str(r) for r in ratios])
     axes[0].legend(fontsize=8)
     fig.suptitle(f"jpq demo {name}: quality vs compression (test split)")

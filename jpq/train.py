@@ -173,8 +173,10 @@ class TrainState:
 
 
 class Checkpointing:
-    """Checkpoint / resume for a trainer with `out_dir`, `cfg` (a dataclass), `state` (TrainState),
-    `optimizer`, `_model_state()` and `_load_model_state(st)`."""
+    """Epoch loop, checkpoint and resume for a trainer with `out_dir`, `cfg` (a dataclass with
+    epochs, patience, seed), `state` (TrainState), `optimizer`, `_model_state()`,
+    `_load_model_state(st)`, `_initial_record()` and `_train_epoch(epoch)` (records with "epoch",
+    "val" and "loss"; "val" None when there are no held-out queries)."""
 
     def _checkpoint(self, best_state: dict):
         if self.out_dir is None:
@@ -206,6 +208,37 @@ class Checkpointing:
             atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": best_state},
                               self.out_dir / "best.pt")
         return self.state.history
+
+    def _run_epochs(self, resume: bool, stop_after_epoch: int | None) -> list:
+        """The epoch loop both trainers share: resume, record epoch 0 (`_initial_record()`),
+        then `_train_epoch(epoch)` until cfg.epochs or cfg.patience epochs without a validation
+        gain; `stop_after_epoch` returns early (as if interrupted). Each epoch runs inside a
+        forked torch RNG seeded by (seed, epoch), so that dropout draws repeat on resume and the
+        caller's RNG is left untouched. Loads the selected state and returns the history."""
+        cfg = self.cfg
+        best_state = self._resume() if resume else None
+        if self.state.epoch == 0 and not self.state.history:
+            rec = self._initial_record()
+            self.state.history.append(rec)
+            self.state.best_score = -math.inf if rec["val"] is None else rec["val"]
+            self.state.best_epoch = 0
+            best_state = self._model_state()
+            if rec["val"] is not None:
+                log.info("epoch 0 (initial): val %.4f", rec["val"])
+        while self.state.epoch < cfg.epochs:
+            if self.state.epoch - self.state.best_epoch >= cfg.patience:
+                log.info("early stop: no validation gain for %d epochs", cfg.patience)
+                break
+            if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
+                return self.state.history
+            epoch = self.state.epoch + 1
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 100_003 + epoch)
+                rec = self._train_epoch(epoch)
+            rec["seconds"] = time.perf_counter() - t0
+            best_state = self._close_epoch(rec, best_state)
+        return self._finish(best_state)
 
     def _resume(self):
         """Load the last checkpoint (if any) and return the best model state saved with it."""
@@ -421,47 +454,30 @@ class JPQTrainer(Checkpointing):
             return [batches[i] for i in rng.permutation(len(batches))]
         return [order[s : s + bs] for s in range(0, len(order), bs)]
 
-    def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+    def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> list:
         """Train, select the best epoch on the held-out queries, and load it.
 
         stop_after_epoch: stop (as if interrupted) once that many epochs are complete.
         Returns the history (one record per epoch, epoch 0 = the initial state).
         """
-        cfg = self.cfg
-        best_state = self._resume() if resume else None
-        if self.state.epoch == 0 and not self.state.history:
-            # without held-out queries nothing is selected: all cfg.epochs run and the last is kept
-            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else None
-            self.state.history.append({"epoch": 0, "val": score, "seconds": 0.0})
-            self.state.best_score, self.state.best_epoch = -math.inf if score is None else score, 0
-            best_state = self._model_state()
-            if score is not None:
-                log.info("epoch 0 (initial): val %s %.4f", cfg.val_metric, score)
-        while self.state.epoch < cfg.epochs:
-            if self.state.epoch - self.state.best_epoch >= cfg.patience:
-                log.info("early stop: no validation gain for %d epochs", cfg.patience)
-                break
-            if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
-                return self.state.history
-            epoch = self.state.epoch + 1
-            t0 = time.perf_counter()
-            batches = self._batches(np.random.default_rng([cfg.seed, epoch]))
-            if self.encoder is not None:
-                self.encoder.train(self.train_encoder)
-            logs = []
-            # dropout draws from torch's global RNG: seed it per epoch inside fork_rng so that a
-            # resumed run repeats the same epoch exactly and the caller's RNG is left untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed * 100_003 + epoch)
-                for ids in tqdm(batches, desc=f"{cfg.mode} epoch {epoch}", disable=not self.progress, leave=False):
-                    logs.append(self.step(ids))
-            if self.encoder is not None:
-                self.encoder.eval()
-            score = self.evaluate_ids(self.val_ids)[cfg.val_metric] if self.val_ids else None
-            rec = {"epoch": epoch, "val": score, "loss": float(np.mean([l["loss"] for l in logs])),
-                   "recon": float(np.mean([l["recon"] for l in logs])), "seconds": time.perf_counter() - t0}
-            best_state = self._close_epoch(rec, best_state)
-        return self._finish(best_state)
+        return self._run_epochs(resume, stop_after_epoch)
+
+    def _initial_record(self) -> dict:
+        # without held-out queries nothing is selected: all cfg.epochs run and the last is kept
+        score = self.evaluate_ids(self.val_ids)[self.cfg.val_metric] if self.val_ids else None
+        return {"epoch": 0, "val": score, "seconds": 0.0}
+
+    def _train_epoch(self, epoch: int) -> dict:
+        batches = self._batches(np.random.default_rng([self.cfg.seed, epoch]))
+        if self.encoder is not None:
+            self.encoder.train(self.train_encoder)
+        logs = [self.step(ids) for ids in tqdm(batches, desc=f"{self.cfg.mode} epoch {epoch}",
+                                               disable=not self.progress, leave=False)]
+        if self.encoder is not None:
+            self.encoder.eval()
+        score = self.evaluate_ids(self.val_ids)[self.cfg.val_metric] if self.val_ids else None
+        return {"epoch": epoch, "val": score, "loss": float(np.mean([l["loss"] for l in logs])),
+                "recon": float(np.mean([l["recon"] for l in logs]))}
 
     # ------------------------------------------------------------------ results
     def trained_index(self) -> PQIndex:

@@ -949,11 +949,11 @@ class TreeTrainer(Checkpointing):
         self.xhat = torch.from_numpy(self.pq.decode(self.pq.codes))
 
     # ------------------------------------------------------------------ loop
-    def _validate(self, logs: list | None = None) -> tuple[float, dict]:
-        """Selection score: the held-out queries' metric, or without held-out queries minus the
-        epoch's mean training loss (epoch 0: -inf, so a trained epoch is always kept)."""
+    def _validate(self) -> tuple[float | None, dict]:
+        """Selection score: the held-out queries' metric; None without held-out queries (then
+        every epoch runs and the last one is kept)."""
         if not self.val_ids:
-            return (-math.inf if not logs else -float(np.mean([l["loss"] for l in logs]))), {}
+            return None, {}
         res = self.evaluate_ids(self.val_ids)
         return res["score"], {str(f): v for f, v in res.items() if f != "score"}
 
@@ -967,45 +967,33 @@ class TreeTrainer(Checkpointing):
             return self._fit(resume, stop_after_epoch)
 
     def _fit(self, resume: bool, stop_after_epoch: int | None) -> list:
+        return self._run_epochs(resume, stop_after_epoch)
+
+    def _initial_record(self) -> dict:
+        score, detail = self._validate()
+        return {"epoch": 0, "val": score, "val_detail": detail, "seconds": 0.0}
+
+    def _train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
-        best_state = self._resume() if resume else None
-        if self.state.epoch == 0 and not self.state.history:
-            score, detail = self._validate()
-            self.state.history.append({"epoch": 0, "val": score, "val_detail": detail, "seconds": 0.0})
-            self.state.best_score, self.state.best_epoch = score, 0
-            best_state = self._model_state()
-            log.info("epoch 0 (k-means tree): val %.4f", score)
-        while self.state.epoch < cfg.epochs:
-            if self.state.epoch - self.state.best_epoch >= cfg.patience:
-                log.info("early stop: no validation gain for %d epochs", cfg.patience)
-                break
-            if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
-                return self.state.history
-            epoch = self.state.epoch + 1
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, epoch])
-            order = rng.permutation(len(self.train_ids))
-            batches = [[self.train_ids[i] for i in order[s : s + cfg.batch_size]]
-                       for s in range(0, len(order), cfg.batch_size)]
-            samples = [rng.choice(len(self.X), min(cfg.docs_per_step, len(self.X)), replace=False) for _ in batches]
-            if cfg.distill_weight > 0:
-                self.teacher = self._teacher(self.train_ids)
-            self.query_tower.train()
-            logs = []
-            with torch.random.fork_rng(devices=[]):  # dropout in a text tower: same draws on resume
-                torch.manual_seed(cfg.seed * 100_003 + epoch)
-                for ids, sample in tqdm(list(zip(batches, samples)), desc=f"tree epoch {epoch}",
-                                        disable=not self.progress, leave=False):
-                    idx = self._snapshot(with_queries=False)
-                    logs.append(self.step(ids, sample, idx))
-            self.query_tower.eval()
-            if epoch % cfg.reassign_every == 0:
-                self._refresh_documents(self.pq, reassign=True, retrain_pq=True)
-            score, detail = self._validate(logs)
-            rec = {"epoch": epoch, "val": score, "val_detail": detail, "seconds": time.perf_counter() - t0,
-                   **{k: float(np.mean([l[k] for l in logs])) for k in logs[0]}}
-            best_state = self._close_epoch(rec, best_state)
-        return self._finish(best_state)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = rng.permutation(len(self.train_ids))
+        batches = [[self.train_ids[i] for i in order[s : s + cfg.batch_size]]
+                   for s in range(0, len(order), cfg.batch_size)]
+        samples = [rng.choice(len(self.X), min(cfg.docs_per_step, len(self.X)), replace=False) for _ in batches]
+        if cfg.distill_weight > 0:
+            self.teacher = self._teacher(self.train_ids)
+        self.query_tower.train()
+        logs = []
+        for ids, sample in tqdm(list(zip(batches, samples)), desc=f"tree epoch {epoch}",
+                                disable=not self.progress, leave=False):
+            idx = self._snapshot(with_queries=False)
+            logs.append(self.step(ids, sample, idx))
+        self.query_tower.eval()
+        if epoch % cfg.reassign_every == 0:
+            self._refresh_documents(self.pq, reassign=True, retrain_pq=True)
+        score, detail = self._validate()
+        return {"epoch": epoch, "val": score, "val_detail": detail,
+                **{k: float(np.mean([l[k] for l in logs])) for k in logs[0]}}
 
     # ------------------------------------------------------------------ results
     def trained_index(self) -> TreeIndex:
