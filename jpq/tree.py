@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -648,6 +649,9 @@ class TreeConfig:
     holdout: str = "random"  # or "disjoint" (see jpq.train.holdout_split)
     val_fractions: tuple = TARGET_FRACTIONS  # validation: mean of (nDCG@10 + Recall@100) / 2 at these
     patience: int = 5
+    # after selection on the held-out queries, train again from the k-means tree on all training
+    # queries for the selected number of epochs (as jpq.train.TrainConfig.refit)
+    refit: bool = True
     seed: int = 0
     # torch threads inside fit (restored after). The default tower's per-step tensors are tiny
     # (32 x 384): on the loaded 2-core dev box a 2-thread op cost ~8 ms of wake-up vs 0.1 ms on
@@ -1023,7 +1027,10 @@ def build_and_train_tree(doc_emb: np.ndarray, query_emb: dict, train_ids: list[s
     """What `jpq train --index tree` runs: k-means tree over doc_emb (N, d) (branching and M by
     `default_branching` / `default_pq_m` unless given), then `TreeTrainer` on the training
     queries ({id: (d,) vector}, qrels by document row). Checkpoints in out_dir (resumed when
-    `resume`). Returns (k-means tree, trained tree, trainer)."""
+    `resume`). With config.refit, a second trainer retrains on all training queries for the
+    selected number of epochs (checkpoints in out_dir/refit) and is the one returned.
+    Returns (k-means tree, trained tree, trainer); `trainer.selection` is the TrainState of the
+    selection run (best_epoch, best_score, history)."""
     config = config or TreeConfig()
     doc_emb = to_numpy_f32(doc_emb)
     N, d = doc_emb.shape
@@ -1033,6 +1040,16 @@ def build_and_train_tree(doc_emb: np.ndarray, query_emb: dict, train_ids: list[s
     trainer = TreeTrainer(config, init, doc_emb, train_ids, qrels_rows, query_embeddings=query_emb,
                           out_dir=out_dir, progress=progress)
     trainer.fit(resume=resume)
+    selection = trainer.state
+    split = {"train_queries": len(trainer.train_ids), "val_queries": len(trainer.val_ids)}
+    if config.refit and trainer.val_ids and selection.best_epoch > 0:
+        log.info("tree refit: %d epochs on all training queries", selection.best_epoch)
+        refit_cfg = dataclasses.replace(config, val_fraction=0.0, epochs=selection.best_epoch)
+        trainer = TreeTrainer(refit_cfg, init, doc_emb, train_ids, qrels_rows, query_embeddings=query_emb,
+                              out_dir=None if out_dir is None else Path(out_dir) / "refit", progress=progress)
+        trainer.fit(resume=resume)
+    trainer.selection = selection
+    trainer.selection_split = split  # query counts of the selection run
     return init, trainer.trained_index(), trainer
 
 
@@ -1054,8 +1071,8 @@ def train_tree_cli(ws, out_dir, seed: int = 0, progress: bool = True, resume: bo
                                                out_dir=out_dir, resume=resume, progress=progress)
     tree.save(out_dir / "tree.jpq")
     summary = {"index": str(out_dir / "tree.jpq"), "branching": list(tree.branching), "M": tree.M,
-               "seconds": round(time.perf_counter() - t0, 1), "best_epoch": trainer.state.best_epoch,
-               "history": trainer.state.history}
+               "seconds": round(time.perf_counter() - t0, 1), "selected_epochs": trainer.selection.best_epoch,
+               "refit": trainer.state is not trainer.selection, "history": trainer.selection.history}
     print(json.dumps(summary, indent=1, default=float))
     return summary
 
@@ -1174,10 +1191,10 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     settings = {
         "dataset": dataset.name, "documents": N, "dim": d, "test_queries": len(test_ids),
         "branching": list(init.branching), "leaves": leaves, "M": init.M, "nbits": init.nbits,
-        "train_queries": len(trainer.train_ids), "val_queries": len(trainer.val_ids),
-        "best_epoch": trainer.state.best_epoch, "epochs_run": trainer.state.epoch,
+        **trainer.selection_split, "refit": trainer.state is not trainer.selection,
+        "best_epoch": trainer.selection.best_epoch, "epochs_run": trainer.selection.epoch,
         "train_seconds": round(train_seconds, 1), "config": asdict(config), "exact_flat": exact,
-        "unseen_positive_queries": breakdown, "history": trainer.state.history,
+        "unseen_positive_queries": breakdown, "history": trainer.selection.history,
     }
     atomic_write_json(out_dir / f"{stem}.json", records)  # a list of records, like the PQ demo
     atomic_write_json(out_dir / f"{stem}-details.json", {"curves": curves, "settings": settings})
@@ -1195,7 +1212,8 @@ def _demo_markdown(records: list[dict], s: dict) -> str:
         f"Tree {'x'.join(map(str, s['branching']))} = {s['leaves']} leaves (faiss: nlist = {s['leaves']}), "
         f"PQ M={s['M']} x {s['nbits']} bits in the tree and IVF-PQ. Trained on {s['train_queries']} train "
         f"queries, best epoch {s['best_epoch']} of {s['epochs_run']} selected on {s['val_queries']} held-out "
-        f"train queries; training {s['train_seconds']} s. Exhaustive exact search: "
+        f"train queries{', then refit on all ' + str(s['train_queries'] + s['val_queries']) + ' for that many epochs' if s.get('refit') else ''}; "
+        f"training {s['train_seconds']} s. Exhaustive exact search: "
         f"Recall@100 {s['exact_flat']['recall@100']:.4f}, nDCG@10 {s['exact_flat']['ndcg@10']:.4f}.",
         "",
         "| target | method | fraction scored | knob (nprobe / beam) | Recall@100 | nDCG@10 | MRR@10 |",
