@@ -229,3 +229,28 @@ def test_train_run_refits_on_all_training_queries_for_the_selected_epochs(tmp_pa
     # without refit the selected run itself comes back
     plain, _, sel3 = train_run(ws, TrainConfig(**{**cfg.__dict__, "refit": False}), index, None, progress=False)
     assert plain.state is sel3 and len(plain.val_ids) > 0
+
+
+def test_unseen_guard_blocks_epochs_that_lose_on_unseen_held_out_queries():
+    trainer = make_trainer("centroids", epochs=2)
+    # "unseen": held-out queries none of whose positives is a kept training query's positive
+    seen = {d for q in trainer.train_ids for d in trainer.qrels[q]}
+    assert trainer.val_unseen_ids == [q for q in trainer.val_ids if not set(trainer.qrels[q]) & seen]
+    assert 10 < len(trainer.val_unseen_ids) < len(trainer.val_ids) and trainer.guarded
+    rec0 = trainer._initial_record()
+    assert len(rec0["val_unseen"]) == len(trainer.val_unseen_ids)
+    trainer.state.history.append(rec0)
+    base = np.asarray(rec0["val_unseen"])
+    noise = np.random.default_rng(0).normal(0, 0.05, len(base))
+    same = trainer._guard({"epoch": 1, "val": 0.9, "val_unseen": list(base + noise - noise.mean())})
+    worse = trainer._guard({"epoch": 2, "val": 0.95, "val_unseen": list(base + noise - 0.1)})
+    assert same["eligible"] and not worse["eligible"]
+    assert worse["unseen_change"] == pytest.approx(-0.1 + noise.mean()) and worse["unseen_se"] > 0
+    # an ineligible epoch is recorded but never selected, even with the best held-out score
+    trainer.state.best_score, trainer.state.best_epoch = rec0["val"], 0
+    best = trainer._close_epoch({**same, "loss": 1.0}, {})
+    best = trainer._close_epoch({**worse, "loss": 1.0}, best)
+    assert trainer.state.best_epoch == 1 and trainer.state.best_score == 0.9
+    # a guard-free configuration selects on the held-out score alone
+    free = make_trainer("centroids", epochs=2, unseen_guard=False)
+    assert not free.guarded and "val_unseen" not in free._initial_record()
