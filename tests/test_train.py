@@ -254,3 +254,23 @@ def test_unseen_guard_blocks_epochs_that_lose_on_unseen_held_out_queries():
     # a guard-free configuration selects on the held-out score alone
     free = make_trainer("centroids", epochs=2, unseen_guard=False)
     assert not free.guarded and "val_unseen" not in free._initial_record()
+
+
+def test_corpus_reconstruction_term_holds_unqueried_documents_in_place():
+    """Centroids trained toward the training positives move every document sharing their codes;
+    the corpus term keeps the reconstruction of the documents no query points to close to the
+    post-hoc one."""
+    def drift(weight):
+        trainer = make_trainer("centroids", epochs=4, corpus_recon_weight=weight, unseen_guard=False)
+        positives = {d for q in trainer.qrels.values() for d in q}
+        others = np.array([i for i in range(len(trainer.X)) if i not in positives])
+        before = trainer.trained_index().reconstruct_n(0, len(trainer.X))[others]
+        trainer.fit()
+        assert trainer.state.best_epoch > 0
+        after = trainer.trained_index().reconstruct_n(0, len(trainer.X))[others]
+        return float(((after - before) ** 2).sum(1).mean())
+
+    # here every centroid (K=16) is shared by training positives, so holding the others in place
+    # fights the ranking loss: the effect grows with the weight
+    free, some, held = drift(0.0), drift(10.0), drift(100.0)
+    assert held < some < free and held < 0.75 * free, (free, some, held)
