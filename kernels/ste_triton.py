@@ -45,6 +45,22 @@ TILE = 256  # queries per G table in ste._fast_backward: (256, M, K) floats = 25
 
 
 @triton.jit
+def _pair_tile(idx_ptr, B, P, PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's (BLOCK_B, BLOCK_P) tile of (query, candidate) pairs: query rows (int64),
+    candidate columns, the in-bounds mask and the document row of each pair (idx[b, p] when
+    PAIRS, else p)."""
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_bp = (offs_b < B)[:, None] & (offs_p < P)[None, :]
+    rows_b = offs_b.to(tl.int64)
+    if PAIRS:
+        docs = tl.load(idx_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0)
+    else:
+        docs = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.int64) + offs_p[None, :].to(tl.int64)
+    return rows_b, offs_p, mask_bp, docs
+
+
+@triton.jit
 def _ste_scores_kernel(
     lut_ptr, codes_ptr, idx_ptr, out_ptr, B, P, M, K,
     PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -57,17 +73,8 @@ def _ste_scores_kernel(
         idx_ptr: doc_index, shape=(B, P), int64, contiguous (read only when PAIRS).
         out_ptr: scores, shape=(B, P), float32, contiguous (written); P = N without PAIRS.
     """
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows_b, offs_p, mask_bp, docs = _pair_tile(idx_ptr, B, P, PAIRS, BLOCK_B, BLOCK_P)
     offs_m = tl.arange(0, BLOCK_M)
-    mask_bp = (offs_b < B)[:, None] & (offs_p < P)[None, :]
-    rows_b = offs_b.to(tl.int64)
-    if PAIRS:
-        docs = tl.load(idx_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0)
-    else:
-        docs = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.int64) + offs_p[None, :].to(tl.int64)
     lut_b = lut_ptr + rows_b[:, None, None] * (M * K)
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
@@ -91,17 +98,8 @@ def _grad_table_kernel(
         codes_ptr: shape=(N, M), uint8; idx_ptr: shape=(B, P), int64 (PAIRS only).
         G_ptr: the table, shape=(B, M, K), float32, zero-initialised (atomically added to).
     """
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows_b, offs_p, mask_bp, docs = _pair_tile(idx_ptr, B, P, PAIRS, BLOCK_B, BLOCK_P)
     offs_m = tl.arange(0, BLOCK_M)
-    mask_bp = (offs_b < B)[:, None] & (offs_p < P)[None, :]
-    rows_b = offs_b.to(tl.int64)
-    if PAIRS:
-        docs = tl.load(idx_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0)
-    else:
-        docs = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.int64) + offs_p[None, :].to(tl.int64)
     g = tl.load(g_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0.0)
     vals = tl.broadcast_to(g[:, :, None], (BLOCK_B, BLOCK_P, BLOCK_M))
     G_b = G_ptr + rows_b[:, None, None] * (M * K)
