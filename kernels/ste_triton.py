@@ -137,6 +137,18 @@ def _recon_error_kernel(x_ptr, c_ptr, codes_ptr, out_ptr, N, M, K, ds,
 
 
 @triton.jit
+def _subspace_rows(codes_ptr, N, M, BLOCK_N: tl.constexpr):
+    """This program's documents (int64 rows and in-bounds mask; axis 0) in subspace m (axis 1)
+    and their codes there (int64)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1)
+    mask_n = rows < N
+    rows64 = rows.to(tl.int64)
+    code = tl.load(codes_ptr + rows64 * M + m, mask=mask_n, other=0).to(tl.int64)
+    return rows64, mask_n, m, code
+
+
+@triton.jit
 def _recon_dc_kernel(x_ptr, c_ptr, codes_ptr, gr_ptr, dc_ptr, N, M, K, ds,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dC[m, codes[n, m]] += -2 gr[n] (x[n, m] - C[m, codes[n, m]]) for one subspace m.
@@ -146,12 +158,8 @@ def _recon_dc_kernel(x_ptr, c_ptr, codes_ptr, gr_ptr, dc_ptr, N, M, K, ds,
         gr_ptr: dL/drecon_error, shape=(N,); dc_ptr: shape=(M, K, ds) (atomically added to).
         All float32 but the codes.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1)
-    mask_n = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, mask_n, m, code = _subspace_rows(codes_ptr, N, M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    code = tl.load(codes_ptr + rows64 * M + m, mask=mask_n, other=0).to(tl.int64)
     w = -2.0 * tl.load(gr_ptr + rows64, mask=mask_n, other=0.0)
     c_off = (m * K + code[:, None]) * ds
     x_rows = x_ptr + rows64[:, None] * (M * ds) + m * ds
@@ -172,12 +180,8 @@ def _dx_epilogue_kernel(x_ptr, c_ptr, codes_ptr, a_ptr, r_ptr, dx_ptr, N, M, K, 
         x_ptr: shape=(N, M * ds); c_ptr: shape=(M, K, ds); codes_ptr: shape=(N, M), uint8;
         a_ptr, r_ptr: shape=(N,) (read when HAS_A / HAS_R); dx_ptr: shape=(N, M * ds), updated.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1)
-    mask_n = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, mask_n, m, code = _subspace_rows(codes_ptr, N, M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    code = tl.load(codes_ptr + rows64 * M + m, mask=mask_n, other=0).to(tl.int64)
     c_rows = c_ptr + (m * K + code[:, None]) * ds
     row_off = rows64[:, None] * (M * ds) + m * ds
     if HAS_A:
