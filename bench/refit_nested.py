@@ -70,7 +70,7 @@ def main(argv=None):
     for refit in (False, True):
         _, _, tr = build_and_train_tree(ws.doc_emb, q_all, inner, qr, TreeConfig(refit=refit, val_fraction=0.25),
                                         progress=False)
-        scores.append((tr.selection.best_epoch, tr.evaluate_ids(outer)))
+        scores.append((tr.selected.state.best_epoch, tr.evaluate_ids(outer)))
     (ep, a), (_, b) = scores
     lines.append(f"| tree (score: mean of nDCG@10 and Recall@100 at 5/10/20% scored) | {ep} | "
                  f"{a['score']:.4f} | {format(b['score'], '.4f') if ep else '(no refit: epoch 0 selected)'} |")

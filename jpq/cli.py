@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
 import sys
 import time
@@ -96,7 +95,7 @@ def cmd_index(args):
 
 
 def cmd_train(args):
-    from .pipeline import build_index, m_for_ratio, train_run
+    from .pipeline import build_index, m_for_ratio, selection_summary, train_run
 
     ws = _workspace(args)
     out = Path(args.out)
@@ -115,11 +114,9 @@ def cmd_train(args):
         trainer.trained_index().save(out / "index.jpq")
     if trainer.encoder is not None and args.mode != "centroids":
         trainer.encoder.model.save(str(out / "query-encoder"))
-    print(json.dumps({"seconds": round(secs, 1), "selected_epochs": selection.best_epoch,
-                      "val": selection.best_score if math.isfinite(selection.best_score) else None, "refit": trainer.state is not selection,
-                      "history": selection.history,
-                      **({"refit_history": trainer.state.history} if trainer.state is not selection else {})},
-                     indent=1))
+    summary = selection_summary(selection, trainer)
+    print(json.dumps({"seconds": round(secs, 1), **summary, "history": selection.history,
+                      **({"refit_history": trainer.state.history} if summary["refit"] else {})}, indent=1))
 
 
 def _load_queries(args, ws):

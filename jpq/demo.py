@@ -10,7 +10,6 @@ are kept in --out and skipped when the demo is started again (resume).
 from __future__ import annotations
 
 import json
-import math
 import logging
 import time
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from pathlib import Path
 
 
 from .storage import atomic_write_json
-from .pipeline import EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, train_run
+from .pipeline import EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, selection_summary, train_run
 from .train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,6 @@ DEFAULT_CENTROID_LRS = (1e-4, 1e-3)
 def _record(method, ratio, M, metrics, seconds, **extra):
     return {"method": method, "ratio": ratio, "M": M, **{k: round(float(v), 6) for k, v in metrics.items()},
             "train_seconds": round(float(seconds), 2), **extra}
-
-
-def _selected(selection, trainer) -> dict:
-    """What the held-out selection chose (epochs, its validation score) and whether the returned
-    model was refit on all training queries."""
-    val = float(selection.best_score)
-    return {"best_epoch": selection.best_epoch, "val": round(val, 6) if math.isfinite(val) else None,
-            "refit": trainer.state is not selection}
 
 
 def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | None = None, seed: int = 0,
@@ -69,7 +60,7 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
                                        progress=progress)
         keep(_record("uncompressed-trained", 1, None,
                      evaluate_vectors(ws, trainer.encode_queries(test_texts), None, test_ids), secs,
-                     **_selected(sel, trainer)))
+                     **selection_summary(sel, trainer)))
     for ratio in ratios:
         M = m_for_ratio(ws.d, ratio)
         true_ratio = round(4 * ws.d / M, 2)
@@ -92,7 +83,7 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             index = trainer.trained_index()
             keep(_record("jpq-centroids", ratio, M, evaluate_vectors(ws, q_test, index, test_ids),
                          sum(r[3] for r in runs), bytes_per_vector=M, exact_ratio=true_ratio,
-                         lr_centroids=-neg_lr, **_selected(sel, trainer)))
+                         lr_centroids=-neg_lr, **selection_summary(sel, trainer)))
             index.save(out_dir / "checkpoints" / f"jpq-centroids-{ratio}.jpq")
         if ("jpq", ratio) not in done:
             lr = done[("jpq-centroids", ratio)].get("lr_centroids", config.lr_centroids)
@@ -102,7 +93,7 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             index = trainer.trained_index()
             keep(_record("jpq", ratio, M, evaluate_vectors(ws, trainer.encode_queries(test_texts), index, test_ids),
                          secs, bytes_per_vector=M, exact_ratio=true_ratio, lr_centroids=lr,
-                         **_selected(sel, trainer)))
+                         **selection_summary(sel, trainer)))
             index.save(out_dir / "checkpoints" / f"jpq-{ratio}.jpq")
     order = {m: i for i, m in enumerate(METHODS)}
     records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))

@@ -3,8 +3,8 @@ training runs and test-split evaluation."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import glob
+import math
 import logging
 import os
 import time
@@ -18,7 +18,7 @@ from .data import BeirDataset, load_beir
 from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
 from .index import PQIndex
 from .metrics import evaluate
-from .train import JPQTrainer, TrainConfig
+from .train import JPQTrainer, TrainConfig, fit_and_refit
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,13 @@ def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir
                           query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
                           out_dir=out, progress=progress)
 
-    trainer = make(config, out_dir)
-    trainer.fit(resume=resume)
-    selection = trainer.state
-    if config.refit and trainer.val_ids and selection.best_epoch > 0:
-        log.info("refit: %d epochs on all %d training queries", selection.best_epoch,
-                 len(trainer.train_ids) + len(trainer.val_ids))
-        trainer = make(dataclasses.replace(config, val_fraction=0.0, epochs=selection.best_epoch),
-                       None if out_dir is None else Path(out_dir) / "refit")
-        trainer.fit(resume=resume)
-    return trainer, time.perf_counter() - t0, selection
+    trainer, selected = fit_and_refit(make, config, out_dir, resume=resume)
+    return trainer, time.perf_counter() - t0, selected.state
+
+
+def selection_summary(selection, trainer) -> dict:
+    """What the held-out selection chose (epochs, its validation score; None without held-out
+    queries) and whether the returned trainer was refit on all training queries."""
+    val = float(selection.best_score)
+    return {"best_epoch": selection.best_epoch, "val": round(val, 6) if math.isfinite(val) else None,
+            "refit": trainer.state is not selection}

@@ -26,6 +26,7 @@ one is kept. Checkpoints every epoch; `resume=True` continues from the last one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -179,6 +180,27 @@ def pairwise_loss(logits: torch.Tensor, pos_mask: torch.Tensor, valid: torch.Ten
     pair = pos.unsqueeze(2) & neg.unsqueeze(1)  # i positive, j negative
     losses = F.softplus(diff) * weight * pair
     return losses.sum() / pos.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- refit
+def fit_and_refit(make_trainer, config, out_dir: str | Path | None, resume: bool = True):
+    """Fit `make_trainer(config, out_dir)` (epochs selected on its held-out queries). With
+    `config.refit`, when it has held-out queries and a trained epoch won, fit a second trainer,
+    `make_trainer(config with val_fraction=0 and epochs=best_epoch, out_dir/"refit")`, which
+    starts again from the same initial state and trains on all training queries. For any config
+    with `refit`, `val_fraction` and `epochs` (TrainConfig, TreeConfig).
+
+    Returns (final trainer, selection trainer): the same object when nothing was refit."""
+    selected = make_trainer(config, out_dir)
+    selected.fit(resume=resume)
+    best = selected.state.best_epoch
+    if not (config.refit and selected.val_ids and best > 0):
+        return selected, selected
+    log.info("refit: %d epochs on all %d training queries", best, len(selected.train_ids) + len(selected.val_ids))
+    final = make_trainer(dataclasses.replace(config, val_fraction=0.0, epochs=best),
+                         None if out_dir is None else Path(out_dir) / "refit")
+    final.fit(resume=resume)
+    return final, selected
 
 
 # --------------------------------------------------------------------------- trainer

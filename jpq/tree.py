@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -83,7 +82,7 @@ from .kernels.adc import DOCS_PER_BLOCK
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
 from .metrics import evaluate
 from .storage import atomic_write_json, read_container, write_container
-from .train import Checkpointing, TrainState, ce_loss, holdout_split
+from .train import Checkpointing, TrainState, ce_loss, fit_and_refit, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -1029,27 +1028,21 @@ def build_and_train_tree(doc_emb: np.ndarray, query_emb: dict, train_ids: list[s
     queries ({id: (d,) vector}, qrels by document row). Checkpoints in out_dir (resumed when
     `resume`). With config.refit, a second trainer retrains on all training queries for the
     selected number of epochs (checkpoints in out_dir/refit) and is the one returned.
-    Returns (k-means tree, trained tree, trainer); `trainer.selection` is the TrainState of the
-    selection run (best_epoch, best_score, history)."""
+    Returns (k-means tree, trained tree, trainer); `trainer.selected` is the selection run's
+    trainer (its `state`: best_epoch, best_score, history), `trainer` itself without a refit."""
     config = config or TreeConfig()
     doc_emb = to_numpy_f32(doc_emb)
     N, d = doc_emb.shape
     init = TreeIndex(d, tuple(branching or default_branching(N)), M=M, metric=metric)
     init.train(doc_emb, seed=config.seed)
     init.add(doc_emb)
-    trainer = TreeTrainer(config, init, doc_emb, train_ids, qrels_rows, query_embeddings=query_emb,
-                          out_dir=out_dir, progress=progress)
-    trainer.fit(resume=resume)
-    selection = trainer.state
-    split = {"train_queries": len(trainer.train_ids), "val_queries": len(trainer.val_ids)}
-    if config.refit and trainer.val_ids and selection.best_epoch > 0:
-        log.info("tree refit: %d epochs on all training queries", selection.best_epoch)
-        refit_cfg = dataclasses.replace(config, val_fraction=0.0, epochs=selection.best_epoch)
-        trainer = TreeTrainer(refit_cfg, init, doc_emb, train_ids, qrels_rows, query_embeddings=query_emb,
-                              out_dir=None if out_dir is None else Path(out_dir) / "refit", progress=progress)
-        trainer.fit(resume=resume)
-    trainer.selection = selection
-    trainer.selection_split = split  # query counts of the selection run
+
+    def make(cfg: TreeConfig, out: Path | None) -> TreeTrainer:
+        return TreeTrainer(cfg, init, doc_emb, train_ids, qrels_rows, query_embeddings=query_emb,
+                           out_dir=out, progress=progress)
+
+    trainer, selected = fit_and_refit(make, config, out_dir, resume=resume)
+    trainer.selected = selected
     return init, trainer.trained_index(), trainer
 
 
@@ -1071,8 +1064,8 @@ def train_tree_cli(ws, out_dir, seed: int = 0, progress: bool = True, resume: bo
                                                out_dir=out_dir, resume=resume, progress=progress)
     tree.save(out_dir / "tree.jpq")
     summary = {"index": str(out_dir / "tree.jpq"), "branching": list(tree.branching), "M": tree.M,
-               "seconds": round(time.perf_counter() - t0, 1), "selected_epochs": trainer.selection.best_epoch,
-               "refit": trainer.state is not trainer.selection, "history": trainer.selection.history}
+               "seconds": round(time.perf_counter() - t0, 1), "selected_epochs": trainer.selected.state.best_epoch,
+               "refit": trainer is not trainer.selected, "history": trainer.selected.state.history}
     print(json.dumps(summary, indent=1, default=float))
     return summary
 
@@ -1191,10 +1184,11 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     settings = {
         "dataset": dataset.name, "documents": N, "dim": d, "test_queries": len(test_ids),
         "branching": list(init.branching), "leaves": leaves, "M": init.M, "nbits": init.nbits,
-        **trainer.selection_split, "refit": trainer.state is not trainer.selection,
-        "best_epoch": trainer.selection.best_epoch, "epochs_run": trainer.selection.epoch,
+        "train_queries": len(trainer.selected.train_ids), "val_queries": len(trainer.selected.val_ids),
+        "refit": trainer is not trainer.selected,
+        "best_epoch": trainer.selected.state.best_epoch, "epochs_run": trainer.selected.state.epoch,
         "train_seconds": round(train_seconds, 1), "config": asdict(config), "exact_flat": exact,
-        "unseen_positive_queries": breakdown, "history": trainer.selection.history,
+        "unseen_positive_queries": breakdown, "history": trainer.selected.state.history,
     }
     atomic_write_json(out_dir / f"{stem}.json", records)  # a list of records, like the PQ demo
     atomic_write_json(out_dir / f"{stem}-details.json", {"curves": curves, "settings": settings})
