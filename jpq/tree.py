@@ -93,33 +93,30 @@ TARGET_FRACTIONS = (0.05, 0.10, 0.20)
 
 # --------------------------------------------------------------------------- threads
 @contextlib.contextmanager
-def _numba_threads(n: int | None):
-    """Run numba kernels with n threads inside the block (None: unchanged); restored after."""
+def _threads(n: int | None, get, set_):
+    """Thread count set_(n) inside the block (None: unchanged), get()'s value restored after."""
     if n is None:
         yield
         return
+    old = get()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(old)
+
+
+def _numba_threads(n: int | None):
+    """numba kernels with n threads inside the block (capped at numba's pool size)."""
     import numba
 
-    old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
+    return _threads(None if n is None else max(1, min(n, numba.config.NUMBA_NUM_THREADS)),
+                    numba.get_num_threads, numba.set_num_threads)
 
 
-@contextlib.contextmanager
 def _torch_threads(n: int | None):
-    """torch intra-op threads inside the block (None: unchanged); restored after."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    """torch intra-op threads inside the block."""
+    return _threads(n, torch.get_num_threads, torch.set_num_threads)
 
 
 # --------------------------------------------------------------------------- size rules
