@@ -12,6 +12,10 @@ Per step, for a batch of training queries:
      same on random corpus documents (keeps the documents no query points to in place);
   4. AdamW with separate learning rates for the centroids and the query tower.
 
+Initialisation (modes "jpq" and "centroids", `query_aware_init`): the given post-hoc index's
+codebooks and codes are refit to the inner-product error the training queries see
+(`jpq.index.query_aware_codebooks`); from then on the codes are fixed.
+
 Modes: "jpq" (encoder + centroids), "centroids" (encoder frozen: query vectors are computed once),
 "encoder" (uncompressed-trained / ADORE-style: the index is the identity, documents exact).
 
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .index import PQIndex
+from .index import PQIndex, query_aware_codebooks
 from .kernels import adc_topk, build_lut
 from .metrics import evaluate
 from .metrics import per_query as per_query_metrics
@@ -100,6 +104,15 @@ class TrainConfig:
     # Active with at least `guard_min_queries` unseen held-out queries.
     unseen_guard: bool = True
     guard_min_queries: int = 10
+    # Query-aware initial codebooks (`jpq.index.query_aware_codebooks`): before training, the
+    # given index's codebooks and codes are refit to minimise the inner-product error that the
+    # training queries' zero-shot embeddings see (their second moment, shrunk towards the identity
+    # by `query_aware_shrinkage`; label-free, held-out queries excluded) instead of the plain
+    # reconstruction error. Modes "jpq" and "centroids"; the codes then stay fixed as before.
+    # On SciFact's held-out train queries, JPQ 96x: val nDCG@10 0.528 -> 0.540 at epoch 0 and
+    # 0.754 -> 0.764 at the selected epoch.
+    query_aware_init: bool = True
+    query_aware_shrinkage: float = 0.3
     seed: int = 0
 
     def __post_init__(self):
@@ -112,6 +125,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "negatives", "corpus_recon_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.query_aware_shrinkage <= 1.0:
+            raise ValueError(f"query_aware_shrinkage must be in (0, 1], got {self.query_aware_shrinkage}")
 
 
 # --------------------------------------------------------------------------- data split
@@ -354,6 +369,9 @@ class JPQTrainer(Checkpointing):
         seen_docs = {d for q in self.train_ids for d in self.qrels[q]}
         self.val_unseen_ids = [q for q in self.val_ids if not any(d in seen_docs for d in self.qrels[q])]
         self.guarded = config.unseen_guard and len(self.val_unseen_ids) >= config.guard_min_queries
+        if index is not None and mode in ("jpq", "centroids") and config.query_aware_init:
+            self.index = index = query_aware_codebooks(index, self.X, self._zero_shot_queries(self.train_ids),
+                                                       shrinkage=config.query_aware_shrinkage, seed=config.seed)
         log.info("training on %d queries, validating on %d held-out queries (%d with unseen positives%s)",
                  len(self.train_ids), len(self.val_ids), len(self.val_unseen_ids),
                  ", guarded" if self.guarded else "")
@@ -392,6 +410,21 @@ class JPQTrainer(Checkpointing):
                 self.encoder.train(was)
                 return out
         return torch.from_numpy(np.stack([self.query_embeddings[q] for q in ids]))
+
+    @torch.no_grad()
+    def _zero_shot_queries(self, ids: list[str]) -> np.ndarray:
+        """(n, d) float32 vectors of queries `ids` before any training: the given embeddings, else
+        the (still untrained) encoder's output."""
+        if all(q in self.query_embeddings for q in ids):
+            return np.stack([np.asarray(self.query_embeddings[q], np.float32) for q in ids])
+        if self.encoder is None:
+            raise ValueError("query-aware initialisation needs query embeddings or an encoder")
+        was = self.encoder.training
+        self.encoder.eval()
+        out = torch.cat([self.encoder([self.query_texts[q] for q in ids[s : s + 256]]).float()
+                         for s in range(0, len(ids), 256)])
+        self.encoder.train(was)
+        return out.numpy()
 
     def _rotate(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.rotation is None else q @ self.rotation.T
@@ -522,6 +555,9 @@ class JPQTrainer(Checkpointing):
         return {
             "centroids": None if self.centroids is None else self.centroids.detach().clone(),
             "encoder": None if not self.train_encoder else copy.deepcopy(self.encoder.state_dict()),
+            # the codes never change during training, but the query-aware init computes them: a
+            # resumed run takes them from here rather than from a k-means re-run on another machine
+            "codes": None if self.index is None else self.index.codes.copy(),
         }
 
     def _load_model_state(self, st: dict):
@@ -530,6 +566,9 @@ class JPQTrainer(Checkpointing):
                 self.centroids.copy_(st["centroids"])
         if st["encoder"] is not None:
             self.encoder.load_state_dict(st["encoder"])
+        if st.get("codes") is not None:
+            self.index.codes = st["codes"].copy()
+            self.codes = torch.from_numpy(self.index.codes)
 
     # ------------------------------------------------------------------ loop
     def _batches(self, rng: np.random.Generator) -> list[list[str]]:

@@ -217,3 +217,72 @@ def test_usage_errors(data):
         index.search(q.astype(np.int32), 1)
     with pytest.raises(ValueError, match=r"values must lie in \[0, 256\)"):
         index.decode(np.full((1, 4), 300, np.int64))
+
+
+# --------------------------------------------------------------------------- query-aware codebooks
+def _anisotropic(seed=0, d=32, n=4000, nq=3000):
+    """Documents isotropic, queries concentrated on a few directions (a random basis)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    q = ((rng.standard_normal((nq, d)) * np.geomspace(3.0, 0.05, d)) @ basis.T).astype(np.float32)
+    return x, q
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_query_aware_codebooks_cut_the_error_queries_see(opq):
+    from jpq.index import query_aware_codebooks
+
+    x, q = _anisotropic()
+    plain = jpq.PQIndex(32, 8, nbits=4, opq=opq).train(x, seed=0)
+    plain.add(x)
+    aware = query_aware_codebooks(plain, x, q[:1500], shrinkage=0.3)
+    held_out = q[1500:]  # queries the codebooks never saw, same distribution
+
+    def errors(ix):
+        e = x - ix.decode(ix.codes)
+        return float(((held_out @ e.T) ** 2).mean()), float((e ** 2).sum(1).mean())
+    (qe_plain, l2_plain), (qe_aware, l2_aware) = errors(plain), errors(aware)
+    assert qe_aware < 0.9 * qe_plain  # the inner-product error queries see drops
+    assert l2_aware > l2_plain  # paid for with plain reconstruction error: a real trade, not a copy
+    assert aware.ntotal == len(x) and plain.ntotal == len(x)
+    assert aware.opq == opq and (aware.rotation is None) == (not opq)
+    # the index it came from is untouched; the result searches, saves and exports like any PQIndex
+    assert not np.array_equal(aware.centroids, plain.centroids)
+    D, I = aware.search(held_out[:5], 10)
+    assert I.shape == (5, 10) and (I >= 0).all()
+
+
+def test_query_aware_codebooks_with_shrinkage_one_are_plain_kmeans():
+    from jpq.index import query_aware_codebooks
+
+    x, q = _anisotropic(seed=1)
+    plain = jpq.PQIndex(32, 8, nbits=4).train(x, seed=0)
+    plain.add(x)
+    one = query_aware_codebooks(plain, x, q, shrinkage=1.0)  # S' = I: more Lloyd iterations from plain's codebooks
+    np.testing.assert_array_equal(one.codes, one.encode(x))  # codes are the plain nearest centroids
+
+    def l2(ix):
+        return float(((x - ix.decode(ix.codes)) ** 2).sum(1).mean())
+    assert l2(one) <= l2(plain) + 1e-6  # Lloyd refinement never raises the k-means objective
+
+
+def test_query_aware_codebooks_reject_bad_input():
+    from jpq.index import query_aware_codebooks
+
+    x, q = _anisotropic(seed=2, n=300, nq=50)
+    ix = jpq.PQIndex(32, 8, nbits=4).train(x, seed=0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        query_aware_codebooks(ix, x, q, shrinkage=0.0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        query_aware_codebooks(ix, x, q, shrinkage=1.5)
+    with pytest.raises(ValueError, match="queries"):
+        query_aware_codebooks(ix, x, q[:, :16])
+    with pytest.raises(ValueError, match="at least one"):
+        query_aware_codebooks(ix, x, q[:0])
+    with pytest.raises(ValueError, match="inner-product"):
+        query_aware_codebooks(jpq.PQIndex(32, 8, nbits=4, metric="l2").train(x, seed=0), x, q)
+    with pytest.raises(TypeError, match="PQIndex"):
+        query_aware_codebooks("index", x, q)
+    with pytest.raises(RuntimeError):
+        query_aware_codebooks(jpq.PQIndex(32, 8, nbits=4), x, q)

@@ -7,6 +7,7 @@ import jpq
 from jpq.kernels.adc import adc_scores_reference, build_lut_reference
 from jpq.pipeline import m_for_ratio
 from kernel_cases import assert_topk_matches
+from jpq.index import query_aware_codebooks
 from jpq.train import JPQTrainer, TrainConfig, ce_loss, holdout_split, pairwise_loss
 
 
@@ -274,3 +275,33 @@ def test_corpus_reconstruction_term_holds_unqueried_documents_in_place():
     # fights the ranking loss: the effect grows with the weight
     free, some, held = drift(0.0), drift(10.0), drift(100.0)
     assert held < some < free and held < 0.75 * free, (free, some, held)
+
+
+def test_query_aware_init_refits_the_codes_from_training_queries_and_resume_restores_them(tmp_path):
+    X, Q, ids, qrels = synthetic_task(0)
+    index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip").train(X, niter=10, seed=0)
+    index.add(X)
+    before = index.codes.copy()
+
+    def trainer(out_dir=None, **kw):
+        cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, **kw)
+        return JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
+                          out_dir=out_dir, progress=False)
+    plain = trainer(query_aware_init=False)
+    assert plain.index is index
+    aware = trainer()
+    np.testing.assert_array_equal(index.codes, before)  # the given index is left alone
+    assert aware.index is not index and (aware.index.codes != before).any()
+    # the refit used the kept training queries only: the same codes as calling it by hand on them
+    ref = query_aware_codebooks(index, X, Q[[ids.index(q) for q in aware.train_ids]], shrinkage=0.3, seed=0)
+    np.testing.assert_array_equal(aware.index.codes, ref.codes)
+    # epoch 0 is scored on the refit index, and the checkpoint carries its codes
+    first = trainer(out_dir=tmp_path)
+    first.fit(stop_after_epoch=1)
+    resumed = trainer(out_dir=tmp_path)
+    resumed.index.codes = np.zeros_like(resumed.index.codes)  # as if a k-means re-run had differed
+    resumed.fit(resume=True)
+    np.testing.assert_array_equal(resumed.index.codes, first.index.codes)
+    np.testing.assert_array_equal(resumed.trained_index().codes, first.index.codes)
+    with pytest.raises(ValueError, match="query_aware_shrinkage"):
+        TrainConfig(query_aware_shrinkage=0.0)
