@@ -182,7 +182,12 @@ def _scores_all_pairs(codes, lut_mkb, out):
     per block), 40-79 ms for a one-hot CSR sparse matmul, 370-755 ms for torch advanced
     indexing + sum. One thread at load 4.4: 16 ms vs 14 ms for an (N, B) output plus a
     transpose copy (kept anyway: no (N, B) buffer, 3.3 MB less peak memory), 16 ms for the
-    adc blocks, 20 ms for CSR.
+    adc blocks, 20 ms for CSR. Re-measured on the idle machine (load 0.9, 2 threads): at B=64
+    `bench/bench_ste.py --alternatives` gives 10.9 ms here vs 8.8 ms for adc's blocks; calling the
+    two kernels directly (median of 15, three rounds) adc's blocks are 1.1-1.3x faster at B=64
+    (N=12800 and 50000, M=96) and this kernel 1.3-1.4x faster at B=32 (JPQ's batch size) and at
+    M=16. Neither loop order wins everywhere, so the two stay
+    separate (adc's block kernel also feeds its fused top-k).
     """
     N, M = codes.shape
     B = lut_mkb.shape[2]
