@@ -344,6 +344,12 @@ def test_demo_and_cli_entry_points(tmp_path):
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved == json.loads(json.dumps(records))
     assert (tmp_path / "demo" / "results.png").stat().st_size > 0 and (tmp_path / "demo" / "results.md").exists()
+    details = json.loads((tmp_path / "demo" / "results-details.json").read_text())["settings"]
+    paired = details["paired_bootstrap"]
+    assert {(r["versus"], r["metric"]) for r in paired} == {(v, m) for v in ("ivf-flat", "ivf-pq", "tree-init")
+                                                            for m in ("recall@100", "ndcg@10")}
+    assert all(r["ci95"][0] <= r["difference"] <= r["ci95"][1] for r in paired)
+    assert "bootstrap" in (tmp_path / "demo" / "results.md").read_text()
     ws = SimpleNamespace(dataset=ds, doc_emb=x, query_emb=q, train_split="train")
     summary = train_tree_cli(ws, tmp_path / "train", progress=False, config=cfg)
     tree = TreeIndex.load(summary["index"])
@@ -432,3 +438,20 @@ def test_size_rules():
     tower = ResidualLinear(4)
     x = torch.randn(3, 4)
     assert torch.equal(tower(x), x)  # identity at step 0
+
+
+def test_paired_bootstrap_intervals():
+    from jpq.tree import _paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = {f"q{i}": float(v) for i, v in enumerate(rng.random(200))}
+    better = {q: v + 0.1 for q, v in base.items()}
+    runs = {"same": {"recall@100": base}, "better": {"recall@100": better}, "base": {"recall@100": base}}
+    for tree, lo_sign in (("same", 0), ("better", 1)):
+        chosen = {("tree", 0.1): tree, ("base", 0.1): "base"}
+        (r,) = _paired_bootstrap(chosen, [0.1], ["base"], lambda I: runs[I], seed=1)
+        if lo_sign == 0:  # identical runs: no difference, a zero-width interval
+            assert r["difference"] == 0 and r["ci95"] == [0.0, 0.0]
+        else:  # every query +0.1: the paired interval is exactly +0.1, well away from 0
+            np.testing.assert_allclose([r["difference"], *r["ci95"]], 0.1, atol=1e-9)
+        assert r["queries"] == 200 and r["versus"] == "base" and r["metric"] == "recall@100"
