@@ -410,16 +410,19 @@ def query_aware_codebooks(index: PQIndex, x, queries, shrinkage: float = 0.3, ni
     if len(x) < index.K:
         raise ValueError(f"x needs at least K={index.K} vectors, got {len(x)}")
     d, M, K, ds = index.d, index.M, index.K, index.dsub
-    qr = index.rotate(q).astype(np.float64)
-    S = qr.T @ qr / len(qr)
+    S = np.zeros((d, d))
+    for s in range(0, len(q), 65536):
+        qr = index.rotate(q[s : s + 65536]).astype(np.float64)
+        S += qr.T @ qr
+    S /= len(q)
     tr = float(np.trace(S))
     S = (1.0 - shrinkage) * S * (d / tr) + shrinkage * np.eye(d) if tr > 0 else np.eye(d)
     L = np.stack([np.linalg.cholesky(S[m * ds : (m + 1) * ds, m * ds : (m + 1) * ds]) for m in range(M)])
 
-    def whiten(v: np.ndarray) -> np.ndarray:  # (n, d) rotated -> (n, d), block m times L_m
-        return np.einsum("nmi,mij->nmj", v.reshape(len(v), M, ds), L).reshape(len(v), d).astype(np.float32)
-
-    xw = whiten(index.rotate(x).astype(np.float64))
+    xw = np.empty_like(x)  # whitened rotated vectors, float64 per chunk: no float64 copy of a large corpus
+    for s in range(0, len(x), 65536):
+        part = index.rotate(x[s : s + 65536]).astype(np.float64)
+        xw[s : s + len(part)] = np.einsum("nmi,mij->nmj", part.reshape(len(part), M, ds), L).reshape(len(part), d)
     xt = xw
     if max_train_points is not None and len(xw) > max_train_points:
         xt = xw[np.sort(np.random.default_rng(seed).choice(len(xw), max_train_points, replace=False))]
