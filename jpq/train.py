@@ -369,7 +369,7 @@ class JPQTrainer(Checkpointing):
         seen_docs = {d for q in self.train_ids for d in self.qrels[q]}
         self.val_unseen_ids = [q for q in self.val_ids if not any(d in seen_docs for d in self.qrels[q])]
         self.guarded = config.unseen_guard and len(self.val_unseen_ids) >= config.guard_min_queries
-        if index is not None and mode in ("jpq", "centroids") and config.query_aware_init:
+        if index is not None and mode in ("jpq", "centroids") and config.query_aware_init and self.train_ids:
             self.index = index = query_aware_codebooks(index, self.X, self._zero_shot_queries(self.train_ids),
                                                        shrinkage=config.query_aware_shrinkage, seed=config.seed)
         log.info("training on %d queries, validating on %d held-out queries (%d with unseen positives%s)",
