@@ -389,10 +389,11 @@ def query_aware_codebooks(index: PQIndex, x, queries, shrinkage: float = 0.3, ni
 
     The codes of x are the whitened nearest centroids. Vectors `add`ed to the returned index
     later are encoded by plain nearest centroid (as any PQIndex does), so build the index from
-    all documents here. Used as the JPQ initialisation (`TrainConfig.query_aware_init`): on
+    all documents here. An optional JPQ initialisation (`TrainConfig.query_aware_init`): on
     SciFact (MiniLM, 96x, shrinkage 0.3, S from the 647 kept training queries) the held-out
     training queries' nDCG@10 went 0.528 -> 0.540 before training and 0.754 -> 0.764 after JPQ
-    training (32x: 0.656 -> 0.646 before, 0.798 -> 0.803 after).
+    training (32x: 0.656 -> 0.646 before, 0.798 -> 0.803 after); centroids-only training gained
+    nothing from it (bench/results/query_aware_init.md).
 
     x: shape=(n, d); queries: shape=(nq, d), nq >= 1 (NumPy or torch, float32). Returns a new
     PQIndex (index is unchanged).

@@ -12,9 +12,9 @@ Per step, for a batch of training queries:
      same on random corpus documents (keeps the documents no query points to in place);
   4. AdamW with separate learning rates for the centroids and the query tower.
 
-Initialisation (modes "jpq" and "centroids", `query_aware_init`): the given post-hoc index's
-codebooks and codes are refit to the inner-product error the training queries see
-(`jpq.index.query_aware_codebooks`); from then on the codes are fixed.
+Optional initialisation (modes "jpq" and "centroids", `query_aware_init`, off by default): the
+given post-hoc index's codebooks and codes are refit to the inner-product error the training
+queries see (`jpq.index.query_aware_codebooks`); from then on the codes are fixed.
 
 Modes: "jpq" (encoder + centroids), "centroids" (encoder frozen: query vectors are computed once),
 "encoder" (uncompressed-trained / ADORE-style: the index is the identity, documents exact).
@@ -109,9 +109,11 @@ class TrainConfig:
     # training queries' zero-shot embeddings see (their second moment, shrunk towards the identity
     # by `query_aware_shrinkage`; label-free, held-out queries excluded) instead of the plain
     # reconstruction error. Modes "jpq" and "centroids"; the codes then stay fixed as before.
-    # On SciFact's held-out train queries, JPQ 96x: val nDCG@10 0.528 -> 0.540 at epoch 0 and
-    # 0.754 -> 0.764 at the selected epoch.
-    query_aware_init: bool = True
+    # Off by default: on SciFact's held-out train queries (bench/results/query_aware_init.md) it
+    # helped JPQ 96x (selected val nDCG@10 0.754 -> 0.764) and 32x (0.798 -> 0.803) but not
+    # centroids-only (best of two rates: 16x -0.007, 32x +0.000, 64x -0.009, 96x +0.000), so the
+    # held-out evidence does not support it as a default.
+    query_aware_init: bool = False
     query_aware_shrinkage: float = 0.3
     seed: int = 0
 

@@ -284,11 +284,13 @@ def test_query_aware_init_refits_the_codes_from_training_queries_and_resume_rest
     before = index.codes.copy()
 
     def trainer(out_dir=None, **kw):
+        kw = {"query_aware_init": True, **kw}
         cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, **kw)
         return JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
                           out_dir=out_dir, progress=False)
     plain = trainer(query_aware_init=False)
     assert plain.index is index
+    assert TrainConfig().query_aware_init is False  # opt-in (see TrainConfig)
     aware = trainer()
     np.testing.assert_array_equal(index.codes, before)  # the given index is left alone
     assert aware.index is not index and (aware.index.codes != before).any()
