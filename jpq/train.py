@@ -110,9 +110,9 @@ class TrainConfig:
     # by `query_aware_shrinkage`; label-free, held-out queries excluded) instead of the plain
     # reconstruction error. Modes "jpq" and "centroids"; the codes then stay fixed as before.
     # Off by default: on SciFact's held-out train queries (bench/results/query_aware_init.md) it
-    # helped JPQ 96x (selected val nDCG@10 0.754 -> 0.764) and 32x (0.798 -> 0.803) but not
-    # centroids-only (best of two rates: 16x -0.007, 32x +0.000, 64x -0.009, 96x +0.000), so the
-    # held-out evidence does not support it as a default.
+    # helped JPQ 96x at centroid rate 1e-4 (selected val nDCG@10 0.754 -> 0.764) but not at 1e-3,
+    # the rate the demo selects (0.764 -> 0.760), nor centroids-only training (best of two rates:
+    # 16x -0.007, 32x +0.000, 64x -0.009, 96x +0.000).
     query_aware_init: bool = False
     query_aware_shrinkage: float = 0.3
     seed: int = 0
