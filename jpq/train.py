@@ -405,13 +405,17 @@ class JPQTrainer(Checkpointing):
         if self.train_encoder or (self.encoder is not None and not self.query_embeddings):
             if grad:
                 return self.encoder([self.query_texts[q] for q in ids])
-            with torch.no_grad():
-                was = self.encoder.training
-                self.encoder.eval()
-                out = self.encoder([self.query_texts[q] for q in ids])
-                self.encoder.train(was)
-                return out
+            return self._encode_eval(ids)
         return torch.from_numpy(np.stack([self.query_embeddings[q] for q in ids]))
+
+    @torch.no_grad()
+    def _encode_eval(self, ids: list[str]) -> torch.Tensor:
+        """The encoder's output for queries `ids` in eval mode, without gradients (its mode restored)."""
+        was = self.encoder.training
+        self.encoder.eval()
+        out = self.encoder([self.query_texts[q] for q in ids])
+        self.encoder.train(was)
+        return out
 
     @torch.no_grad()
     def _zero_shot_queries(self, ids: list[str]) -> np.ndarray:
@@ -421,12 +425,7 @@ class JPQTrainer(Checkpointing):
             return np.stack([np.asarray(self.query_embeddings[q], np.float32) for q in ids])
         if self.encoder is None:
             raise ValueError("query-aware initialisation needs query embeddings or an encoder")
-        was = self.encoder.training
-        self.encoder.eval()
-        out = torch.cat([self.encoder([self.query_texts[q] for q in ids[s : s + 256]]).float()
-                         for s in range(0, len(ids), 256)])
-        self.encoder.train(was)
-        return out.numpy()
+        return torch.cat([self._encode_eval(ids[s : s + 256]).float() for s in range(0, len(ids), 256)]).numpy()
 
     def _rotate(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.rotation is None else q @ self.rotation.T
@@ -547,10 +546,7 @@ class JPQTrainer(Checkpointing):
         codes = self.codes[rows].long()  # (n, M)
         M = self.centroids.shape[0]
         x_hat = self.centroids[torch.arange(M), codes].reshape(n, -1)  # (n, d) in the rotated space
-        x = self.X_t[rows]
-        if self.rotation is not None:
-            x = x @ self.rotation.T
-        return ((x - x_hat) ** 2).sum(1).mean()
+        return ((self._rotate(self.X_t[rows]) - x_hat) ** 2).sum(1).mean()
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict:
