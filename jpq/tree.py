@@ -1219,7 +1219,7 @@ def _paired_bootstrap(chosen: dict, fractions, baselines, per_query_metrics, see
                 diff = np.array([values[q] - other[metric][q] for q in qids])
                 means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
                 out.append({"fraction_target": f, "versus": base, "metric": metric, "queries": len(diff),
-                            "difference": float(diff.mean()),
+                            "resamples": resamples, "difference": float(diff.mean()),
                             "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]})
     return out
 
@@ -1253,7 +1253,7 @@ def _demo_markdown(records: list[dict], s: dict) -> str:
     if s.get("paired_bootstrap"):
         p = s["paired_bootstrap"]
         lines += ["", f"Tree minus baseline, paired over the {p[0]['queries']} test queries (mean difference and 95% "
-                  "bootstrap interval, 2000 resamplings): an interval that holds 0 is no measured difference.", "",
+                  f"bootstrap interval, {p[0]['resamples']} resamplings): an interval that holds 0 is no measured difference.", "",
                   "| target | versus | Recall@100 | nDCG@10 |", "|---|---|---|---|"]
         by = {(r["fraction_target"], r["versus"], r["metric"]): r for r in p}
         cell = lambda r: f"{r['difference']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"

@@ -349,7 +349,7 @@ def test_demo_and_cli_entry_points(tmp_path):
     assert {(r["versus"], r["metric"]) for r in paired} == {(v, m) for v in ("ivf-flat", "ivf-pq", "tree-init")
                                                             for m in ("recall@100", "ndcg@10")}
     assert all(r["ci95"][0] <= r["difference"] <= r["ci95"][1] for r in paired)
-    assert "bootstrap" in (tmp_path / "demo" / "results.md").read_text()
+    assert "bootstrap interval, 2000 resamplings" in (tmp_path / "demo" / "results.md").read_text()
     ws = SimpleNamespace(dataset=ds, doc_emb=x, query_emb=q, train_split="train")
     summary = train_tree_cli(ws, tmp_path / "train", progress=False, config=cfg)
     tree = TreeIndex.load(summary["index"])
@@ -449,9 +449,10 @@ def test_paired_bootstrap_intervals():
     runs = {"same": {"recall@100": base}, "better": {"recall@100": better}, "base": {"recall@100": base}}
     for tree, lo_sign in (("same", 0), ("better", 1)):
         chosen = {("tree", 0.1): tree, ("base", 0.1): "base"}
-        (r,) = _paired_bootstrap(chosen, [0.1], ["base"], lambda I: runs[I], seed=1)
+        (r,) = _paired_bootstrap(chosen, [0.1], ["base"], lambda I: runs[I], seed=1, resamples=500)
         if lo_sign == 0:  # identical runs: no difference, a zero-width interval
             assert r["difference"] == 0 and r["ci95"] == [0.0, 0.0]
         else:  # every query +0.1: the paired interval is exactly +0.1, well away from 0
             np.testing.assert_allclose([r["difference"], *r["ci95"]], 0.1, atol=1e-9)
         assert r["queries"] == 200 and r["versus"] == "base" and r["metric"] == "recall@100"
+        assert r["resamples"] == 500
