@@ -1129,8 +1129,8 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     qrels = dataset.qrels[test_split]
     leaves = init.n_leaves
 
-    def metrics(I):
-        return evaluate((I, test_ids, dataset.corpus_ids), qrels, ("recall@100", "ndcg@10", "mrr@10"))
+    def per_query_metrics(I):
+        return per_query((I, test_ids, dataset.corpus_ids), qrels, ("recall@100", "ndcg@10", "mrr@10"))
 
     # faiss baselines: same leaves, same PQ M, k-means on the same embeddings
     ivf_flat = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, leaves, faiss.METRIC_INNER_PRODUCT)
@@ -1161,31 +1161,26 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     # test queries whose positives were never training positives: what learned routing has not seen
     train_pos = {d for rel in dataset.qrels[train_split].values() for d, r in rel.items() if r > 0}
     unseen = [q for q in test_ids if not any(r > 0 and d in train_pos for d, r in qrels.get(q, {}).items())]
-    unseen_rows = np.array([i for i, q in enumerate(test_ids) if q in set(unseen)], np.int64)
     records, curves, breakdown, chosen = [], {}, [], {}
     for name, (fr, run) in tqdm(methods.items(), desc="tree demo: evaluate", disable=not progress):
         cache = {}
 
-        def at(knob):
+        def at(knob):  # per-query metrics at this nprobe / beam
             if knob not in cache:
-                I = run(knob)
-                cache[knob] = (metrics(I), I)
-            return cache[knob][0]
+                cache[knob] = per_query_metrics(run(knob))
+            return cache[knob]
         for f in fractions:
             knob = int(np.argmin(np.abs(fr - f))) + 1  # first (smallest) knob among equally close
             records.append({"method": name, "fraction_target": f, "fraction_scored": float(fr[knob - 1]),
-                            "leaves": leaves, "knob": knob, **at(knob)})
-            chosen[(name, f)] = cache[knob][1]
-            if len(unseen_rows):
-                m = evaluate((cache[knob][1][unseen_rows], unseen, dataset.corpus_ids),
-                             {q: qrels[q] for q in unseen}, ("recall@100", "ndcg@10"))
-                breakdown.append({"method": name, "fraction_target": f, "queries": len(unseen), **m})
+                            "leaves": leaves, "knob": knob, **_mean_metrics(at(knob))})
+            chosen[(name, f)] = at(knob)
+            if unseen:
+                breakdown.append({"method": name, "fraction_target": f, "queries": len(unseen),
+                                  **_mean_metrics(at(knob), unseen, ("recall@100", "ndcg@10"))})
         knobs = [k + 1 for k in range(leaves) if fr[k] <= curve_max_fraction or k == 0]
-        curves[name] = [{"knob": k, "fraction_scored": float(fr[k - 1]), **at(k)} for k in knobs]
-    paired = _paired_bootstrap(chosen, fractions, ("ivf-flat", "ivf-pq", "tree-init"),
-                               lambda I: per_query((I, test_ids, dataset.corpus_ids), qrels, ("recall@100", "ndcg@10")),
-                               seed=seed)
-    exact = metrics(np.argsort(-(qt @ doc_emb.T), axis=1, kind="stable")[:, :100])
+        curves[name] = [{"knob": k, "fraction_scored": float(fr[k - 1]), **_mean_metrics(at(k))} for k in knobs]
+    paired = _paired_bootstrap(chosen, fractions, ("ivf-flat", "ivf-pq", "tree-init"), seed=seed)
+    exact = _mean_metrics(per_query_metrics(np.argsort(-(qt @ doc_emb.T), axis=1, kind="stable")[:, :100]))
     settings = {
         "dataset": dataset.name, "documents": N, "dim": d, "test_queries": len(test_ids),
         "branching": list(init.branching), "leaves": leaves, "M": init.M, "nbits": init.nbits,
@@ -1205,19 +1200,29 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
 
 
 
-def _paired_bootstrap(chosen: dict, fractions, baselines, per_query_metrics, seed: int = 0,
+def _mean_metrics(per_q: dict, ids=None, metrics=None) -> dict:
+    """{metric: mean over the queries `ids` (default: all)} of per-query values
+    {metric: {query id: value}}, as `jpq.metrics.evaluate` averages them."""
+    out = {}
+    for m in metrics or per_q:
+        values = per_q[m].values() if ids is None else [per_q[m][q] for q in ids]
+        out[m] = math.fsum(values) / len(values)
+    return out
+
+
+def _paired_bootstrap(chosen: dict, fractions, baselines, metrics=("recall@100", "ndcg@10"), seed: int = 0,
                       resamples: int = 2000) -> list[dict]:
     """Tree minus each baseline, per test query, at each target fraction: the mean difference and a
     95% percentile interval from `resamples` resamplings of the queries (paired: the same queries
-    for both). chosen[(method, fraction)]: the (nq, k) result ids; per_query_metrics(I) ->
-    {metric: {query id: value}}."""
+    for both). chosen[(method, fraction)]: per-query metrics {metric: {query id: value}}."""
     rng = np.random.default_rng(seed)
     out = []
     for f in fractions:
-        tree = per_query_metrics(chosen[("tree", f)])
+        tree = chosen[("tree", f)]
         for base in baselines:
-            other = per_query_metrics(chosen[(base, f)])
-            for metric, values in tree.items():
+            other = chosen[(base, f)]
+            for metric in metrics:
+                values = tree[metric]
                 qids = sorted(values)
                 diff = np.array([values[q] - other[metric][q] for q in qids])
                 means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)

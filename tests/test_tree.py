@@ -448,8 +448,8 @@ def test_paired_bootstrap_intervals():
     better = {q: v + 0.1 for q, v in base.items()}
     runs = {"same": {"recall@100": base}, "better": {"recall@100": better}, "base": {"recall@100": base}}
     for tree, lo_sign in (("same", 0), ("better", 1)):
-        chosen = {("tree", 0.1): tree, ("base", 0.1): "base"}
-        (r,) = _paired_bootstrap(chosen, [0.1], ["base"], lambda I: runs[I], seed=1, resamples=500)
+        chosen = {("tree", 0.1): runs[tree], ("base", 0.1): runs["base"]}
+        (r,) = _paired_bootstrap(chosen, [0.1], ["base"], ("recall@100",), seed=1, resamples=500)
         if lo_sign == 0:  # identical runs: no difference, a zero-width interval
             assert r["difference"] == 0 and r["ci95"] == [0.0, 0.0]
         else:  # every query +0.1: the paired interval is exactly +0.1, well away from 0
