@@ -71,11 +71,20 @@ def evaluate(run: RunLike, qrels: Qrels,
     Returns:
         {metric name: mean value}.
     """
-    per_q = per_query(run, qrels, metrics)
-    n = len(next(iter(per_q.values()))) if per_q else 0
-    if n == 0:
-        raise ValueError("qrels has no query with a relevant document (relevance > 0)")
-    return {m: math.fsum(v.values()) / n for m, v in per_q.items()}
+    return mean_over_queries(per_query(run, qrels, metrics))
+
+
+def mean_over_queries(per_q: dict[str, dict[str, float]], query_ids: Sequence[str] | None = None,
+                      metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """{metric: mean} of `per_query` output over `query_ids` (default: all of them) for `metrics`
+    (default: all): what `evaluate` returns, for a subset of the queries without scoring them again."""
+    out = {}
+    for m in per_q if metrics is None else metrics:
+        values = list(per_q[m].values()) if query_ids is None else [per_q[m][q] for q in query_ids]
+        if not values:
+            raise ValueError("qrels has no query with a relevant document (relevance > 0)")
+        out[m] = math.fsum(values) / len(values)
+    return out
 
 
 def per_query(run: RunLike, qrels: Qrels,

@@ -84,7 +84,7 @@ from .index import PQIndex, VectorIndexInput, train_pq_centroids
 from .kernels import adc_scores, assign
 from .kernels.adc import DOCS_PER_BLOCK
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
-from .metrics import evaluate, per_query
+from .metrics import evaluate, mean_over_queries, per_query
 from .storage import atomic_write_json, read_container, write_container
 from .train import Checkpointing, TrainState, ce_loss, fit_and_refit, holdout_split
 
@@ -1172,15 +1172,15 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
         for f in fractions:
             knob = int(np.argmin(np.abs(fr - f))) + 1  # first (smallest) knob among equally close
             records.append({"method": name, "fraction_target": f, "fraction_scored": float(fr[knob - 1]),
-                            "leaves": leaves, "knob": knob, **_mean_metrics(at(knob))})
+                            "leaves": leaves, "knob": knob, **mean_over_queries(at(knob))})
             chosen[(name, f)] = at(knob)
             if unseen:
                 breakdown.append({"method": name, "fraction_target": f, "queries": len(unseen),
-                                  **_mean_metrics(at(knob), unseen, ("recall@100", "ndcg@10"))})
+                                  **mean_over_queries(at(knob), unseen, ("recall@100", "ndcg@10"))})
         knobs = [k + 1 for k in range(leaves) if fr[k] <= curve_max_fraction or k == 0]
-        curves[name] = [{"knob": k, "fraction_scored": float(fr[k - 1]), **_mean_metrics(at(k))} for k in knobs]
+        curves[name] = [{"knob": k, "fraction_scored": float(fr[k - 1]), **mean_over_queries(at(k))} for k in knobs]
     paired = _paired_bootstrap(chosen, fractions, ("ivf-flat", "ivf-pq", "tree-init"), seed=seed)
-    exact = _mean_metrics(per_query_metrics(np.argsort(-(qt @ doc_emb.T), axis=1, kind="stable")[:, :100]))
+    exact = mean_over_queries(per_query_metrics(np.argsort(-(qt @ doc_emb.T), axis=1, kind="stable")[:, :100]))
     settings = {
         "dataset": dataset.name, "documents": N, "dim": d, "test_queries": len(test_ids),
         "branching": list(init.branching), "leaves": leaves, "M": init.M, "nbits": init.nbits,
@@ -1198,16 +1198,6 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     return records
 
 
-
-
-def _mean_metrics(per_q: dict, ids=None, metrics=None) -> dict:
-    """{metric: mean over the queries `ids` (default: all)} of per-query values
-    {metric: {query id: value}}, as `jpq.metrics.evaluate` averages them."""
-    out = {}
-    for m in metrics or per_q:
-        values = per_q[m].values() if ids is None else [per_q[m][q] for q in ids]
-        out[m] = math.fsum(values) / len(values)
-    return out
 
 
 def _paired_bootstrap(chosen: dict, fractions, baselines, metrics=("recall@100", "ndcg@10"), seed: int = 0,

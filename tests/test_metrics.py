@@ -155,3 +155,20 @@ def test_matches_ranx():
         for qid, value in ours[m].items():
             assert value == pytest.approx(theirs[qid], abs=1e-6), (m, qid)
         assert evaluate(run, qrels, [m])[m] == pytest.approx(means[m], abs=1e-6), m
+
+
+def test_mean_over_queries_is_evaluate_on_a_subset():
+    from jpq.metrics import mean_over_queries, per_query
+
+    rng = np.random.default_rng(3)
+    I = np.stack([rng.permutation(30)[:10] for _ in range(6)])
+    qids, docs = [f"q{i}" for i in range(6)], [f"d{j}" for j in range(30)]
+    qrels = {q: {f"d{j}": int(rng.integers(1, 3)) for j in rng.choice(30, 3, replace=False)} for q in qids}
+    names = ("ndcg@10", "recall@10", "mrr@10")
+    per_q = per_query((I, qids, docs), qrels, names)
+    assert mean_over_queries(per_q) == evaluate((I, qids, docs), qrels, names)
+    subset = ["q1", "q4", "q5"]
+    assert mean_over_queries(per_q, subset, ("recall@10",)) == evaluate(
+        (I[[1, 4, 5]], subset, docs), {q: qrels[q] for q in subset}, ("recall@10",))
+    with pytest.raises(ValueError, match="no query"):
+        mean_over_queries(per_q, [])
