@@ -6,7 +6,7 @@ on the other test queries (the two tables split the demo's figures by query).
 
 Reads the demo's saved models (DIR/checkpoints: the trained indexes `jpq-*.jpq`,
 `jpq-centroids-*.jpq` and the refit query towers), rebuilds the post-hoc PQ / OPQ indexes with the
-demo's seed, and evaluates every method on that subset. Nothing is trained or selected here.
+demo's seed, and evaluates every method on both subsets. Nothing is trained or selected here.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from jpq.index import PQIndex
-    from jpq.metrics import evaluate
+    from jpq.metrics import mean_over_queries, per_query
     from jpq.pipeline import EVAL_METRICS, build_index, load_workspace, m_for_ratio
 
     demo = Path(args.demo)
@@ -68,12 +68,10 @@ def main(argv=None):
         results[("opq", ratio)] = build_index(ws.doc_emb, M, opq=True, seed=args.seed).search(q0, 100)[1]
         results[("jpq-centroids", ratio)] = PQIndex.load(ck / f"jpq-centroids-{ratio}.jpq").search(q0, 100)[1]
         results[("jpq", ratio)] = PQIndex.load(ck / f"jpq-{ratio}.jpq").search(tower(f"jpq-{ratio}"), 100)[1]
-    row_of = {q: i for i, q in enumerate(test_ids)}
+    per_q = {key: per_query((I, test_ids, ds.corpus_ids), qrels, EVAL_METRICS) for key, I in results.items()}
 
     def table(ids):
-        rows = [row_of[q] for q in ids]
-        ev = {key: evaluate((I[rows], ids, ds.corpus_ids), {q: qrels[q] for q in ids}, EVAL_METRICS)
-              for key, I in results.items()}
+        ev = {key: mean_over_queries(pq, ids) for key, pq in per_q.items()}
         out = ["| method | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for m in ("uncompressed", "uncompressed-trained", "pq", "opq", "jpq-centroids", "jpq"):
             cells = [ev.get((m, r)) or ev.get((m, 1)) for r in ratios]
