@@ -63,6 +63,8 @@ class Row:
     triton_ms: float | None = None
     torch_ms: float | None = None
     nbytes: float | None = None
+    triton_peak: int | None = None  # bytes allocated on the device above the inputs, one call
+    torch_peak: int | None = None
     failed: bool = False
 
 
@@ -86,6 +88,26 @@ class Context:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def peak_bytes(self, fn) -> int | None:
+        """Peak device bytes allocated by one fn() call above what was allocated before it."""
+        if self.device.type != "cuda":
+            return None
+        import torch
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def measure(self, row: Row, triton_fn, torch_fn, grad_to_none=None) -> None:
+        """Median time and peak memory of the Triton path and its plain-torch baseline."""
+        row.triton_ms = self.bench(triton_fn, grad_to_none=grad_to_none)
+        row.torch_ms = self.bench(torch_fn, grad_to_none=grad_to_none)
+        row.triton_peak = self.peak_bytes(triton_fn)
+        row.torch_peak = self.peak_bytes(torch_fn)
+
     def case(self, section: str, shape: str, fn) -> None:
         """Run one size of one section; fn(row) fills the row. An exception becomes a failed row."""
         row = Row(section, shape)
@@ -108,12 +130,17 @@ def _fmt_ms(v):
     return "—" if v is None else f"{v:.3f}"
 
 
+def _fmt_mb(v):
+    return "—" if v is None else f"{v / 2**20:.0f}"
+
+
 def markdown_table(ctx: Context, header: str) -> str:
     lines = [
         header,
         "",
-        "| section | shape | check | triton ms | torch ms | speedup | GB/s | % HBM peak |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| section | shape | check | triton ms | torch ms | speedup | GB/s | % HBM peak "
+        "| triton peak MB | torch peak MB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ctx.rows:
         speed = f"{r.torch_ms / r.triton_ms:.2f}x" if r.triton_ms and r.torch_ms else "—"
@@ -125,7 +152,7 @@ def markdown_table(ctx: Context, header: str) -> str:
                 pct = f"{100 * bw / ctx.peak:.0f}%"
         lines.append(
             f"| {r.section} | {r.shape} | {r.check} | {_fmt_ms(r.triton_ms)} | {_fmt_ms(r.torch_ms)} "
-            f"| {speed} | {gbs} | {pct} |"
+            f"| {speed} | {gbs} | {pct} | {_fmt_mb(r.triton_peak)} | {_fmt_mb(r.torch_peak)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -198,7 +225,7 @@ def _adc_sizes(ctx):
     if ctx.size == "dry":
         return [(1, 300, 8, 16), (5, 301, 3, 7), (3, 50, 96, 256)]
     N = 1_000_000 if ctx.size == "full" else 100_000
-    return [(1, N, 96, 256), (64, N, 96, 256), (1024, N, 96, 256), (5, 100_003, 3, 256)]
+    return [(1, N, 96, 256), (64, N, 96, 256), (1024, N, 96, 256), (64, N, 16, 256), (5, 100_003, 3, 256)]
 
 
 def section_adc_scores(ctx):
@@ -223,8 +250,7 @@ def section_adc_scores(ctx):
             row.check = f"ok (max err {err:.1e})" if ok else f"FAIL max err {err:.2e} > atol {atol:.1e}"
             row.failed = not ok
             del scores
-            row.triton_ms = ctx.bench(lambda: adc_scores_triton(lut, codes))
-            row.torch_ms = ctx.bench(lambda: torch_adc_scores(lut, codes))
+            ctx.measure(row, lambda: adc_scores_triton(lut, codes), lambda: torch_adc_scores(lut, codes))
             row.nbytes = N * M + lut.numel() * 4 + nq * N * 4
 
         ctx.case("adc_scores", f"nq={nq} N={N} M={M} K={K}", run)
@@ -263,8 +289,11 @@ def section_adc_topk(ctx, k: int = 10):
             row.check = "FAIL " + ", ".join(problems) if problems else f"ok ({n_ties} near-tie ids)"
             row.failed = bool(problems)
             del D, I, ref
-            row.triton_ms = ctx.bench(lambda: adc_topk(lut, codes, k, backend="triton", check=False))
-            row.torch_ms = ctx.bench(lambda: torch_adc_topk(lut, codes, k))
+            ctx.measure(
+                row,
+                lambda: adc_topk(lut, codes, k, backend="triton", check=False),
+                lambda: torch_adc_topk(lut, codes, k),
+            )
             row.nbytes = N * M + lut.numel() * 4 + nq * k * (4 + 8)
 
         ctx.case("adc_topk", f"nq={nq} N={N} M={M} K={K} k={k}", run)
@@ -279,16 +308,22 @@ def _assign_sizes(ctx):
 
 
 def _near_tie_mismatches(x, C, got, ref) -> tuple[int, int]:
-    """(near-tie mismatches, real mismatches): a mismatch is a near-tie when the chosen
-    centroid's float64 distance is within 1e-5 relative of the best one."""
+    """(near-tie mismatches, real mismatches). A mismatch is a near-tie when the chosen
+    centroid's float64 distance is within what float32 can resolve of the best one: every path
+    computes ||c||^2 - 2 x.c, whose rounding error scales with ||x||^2 + ||c||^2, not with the
+    distance (at ds = 1 neighbouring centroids are often closer than that). The CPU fast path
+    differs from the float64 reference at the same places."""
     import numpy as np
 
     M, K, ds = C.shape
     xs = x.astype(np.float64).reshape(-1, M, ds)
+    C64 = C.astype(np.float64)
+    eps = float(np.finfo(np.float32).eps)
     ties = bad = 0
     for r, m in np.argwhere(got != ref):
-        d = ((xs[r, m] - C[m].astype(np.float64)) ** 2).sum(-1)
-        if d[got[r, m]] <= d[ref[r, m]] * (1 + 1e-5) + 1e-12:
+        d = ((xs[r, m] - C64[m]) ** 2).sum(-1)
+        scale = (xs[r, m] ** 2).sum() + (C64[m, got[r, m]] ** 2).sum() + (C64[m, ref[r, m]] ** 2).sum()
+        if d[got[r, m]] <= d[ref[r, m]] * (1 + 1e-5) + 8 * ds * eps * scale:
             ties += 1
         else:
             bad += 1
@@ -320,8 +355,7 @@ def section_assign(ctx):
             row.check = f"ok ({ties} near-ties)" if not bad else f"FAIL {bad} codes differ ({ties} near-ties)"
             row.failed = bad > 0
             del codes, pick
-            row.triton_ms = ctx.bench(lambda: assign_triton(x, C))
-            row.torch_ms = ctx.bench(lambda: torch_assign(x, C))
+            ctx.measure(row, lambda: assign_triton(x, C), lambda: torch_assign(x, C))
             row.nbytes = x.numel() * 4 + C.numel() * 4 + n * M
 
         ctx.case("assign", f"n={n} D={D} M={M} K={K}", run)
@@ -348,7 +382,11 @@ def section_ste(ctx):
         x_hat = C[torch.arange(M, device=C.device), codes.long()].reshape(codes.shape[0], M * ds)
         return q @ x_hat.T
 
-    sizes = [(3, 50, 24, 3, 16)] if ctx.size == "dry" else [(64, 100_000, 768, 96, 256), (256, 100_003, 768, 48, 256)]
+    sizes = (
+        [(3, 50, 24, 3, 16)]
+        if ctx.size == "dry"
+        else [(64, 100_000, 768, 96, 256), (256, 100_003, 768, 48, 256), (16, 100_003, 24, 3, 256)]
+    )
     for nq, n, D, M, K in sizes:
 
         def run(row, nq=nq, n=n, D=D, M=M, K=K):
@@ -385,13 +423,86 @@ def section_ste(ctx):
 
                 return go
 
-            row.triton_ms = ctx.bench(step(fused), grad_to_none=[q, C])
-            row.torch_ms = ctx.bench(step(plain), grad_to_none=[q, C])
+            ctx.measure(row, step(fused), step(plain), grad_to_none=[q, C])
 
         ctx.case("ste fwd+bwd", f"nq={nq} n={n} D={D} M={M} K={K}", run)
 
 
 SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste]
+
+
+# --------------------------------------------------------------------------- launch-config sweep
+def adc_sweep(ctx, budget_s: float = 150.0) -> str:
+    """Time adc_scores_triton over block sizes and warps (--sweep).
+
+    Every configuration is checked against float64 scores of 4 queries x 4096 documents (the
+    `check` column: the fraction of wrong entries and, when some are wrong, which positions
+    inside a BLOCK_N block they sit at). Stops starting new configurations after budget_s
+    seconds and says so.
+    """
+    import numpy as np
+    import torch
+    from jpq.kernels import adc_triton
+
+    if ctx.size == "dry":
+        N, blocks_n, blocks_m, warps = 3000, (32, 64), (1, 8, 16), (4,)
+        shapes = [(1, N, 16, "low-codes"), (1, N, 16, "blocks"), (5, N, 3, "blocks")]
+    else:
+        N, blocks_n, blocks_m, warps = 1_000_000, (32, 64, 128, 256), (1, 8, 16, 32), (4, 8)
+        shapes = [(64, N, 96, "low-codes"), (64, N, 96, "blocks"), (64, 100_003, 3, "blocks"),
+                  (64, N, 16, "blocks"), (1, N, 96, "blocks"), (1024, N, 96, "default")]
+    lines = ["| nq | N | M | BLOCK_N | BLOCK_M | warps | ms | vs default | check |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    t0 = time.perf_counter()
+    stopped = False
+    for nq, N_, M, kind in shapes:
+        lut, codes = _adc_inputs(ctx, nq, N_, M, 256)
+        if kind == "low-codes":  # codes < 128 only: separates a sign-extension bug from others
+            codes = codes // 2
+        default = adc_triton._config(M, None)
+        qs = torch.arange(0, nq, max(1, nq // 4), device=ctx.device)[:4]
+        docs = torch.from_numpy(np.sort(np.random.default_rng(0).choice(N_, min(N_, 4096), replace=False)))
+        docs = docs.to(ctx.device)
+        truth = torch_adc_scores(lut[qs].double(), codes[docs])  # (len(qs), len(docs)) float64
+        atol = 2e-6 * M * float(lut.abs().max())
+        t_default = ctx.bench(lambda: adc_triton.adc_scores_triton(lut, codes))
+        if kind == "blocks":
+            configs = [{"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w}
+                       for bn in blocks_n for bm in sorted({*blocks_m, default["BLOCK_M"]})
+                       for w in warps if bm <= default["BLOCK_M"]]
+        else:  # "low-codes", "default": the default configuration only
+            configs = [{}]
+        for cfg in configs:
+            if time.perf_counter() - t0 > budget_s:
+                stopped = True
+                break
+            full = {**default, **cfg}
+            try:
+                got = adc_triton.adc_scores_triton(lut, codes, config=cfg)[qs][:, docs].double()
+                wrong = (got - truth).abs() > atol
+                if bool(wrong.any()):
+                    pos = torch.unique((docs[None, :].expand_as(wrong)[wrong]) % full["BLOCK_N"])
+                    check = (f"FAIL {float(wrong.float().mean()):.3f} wrong, at positions "
+                             f"{pos[:6].tolist()}{'...' if len(pos) > 6 else ''} of {len(pos)}")
+                else:
+                    check = "ok"
+                ms = ctx.bench(lambda cfg=cfg: adc_triton.adc_scores_triton(lut, codes, config=cfg))
+                vs = f"{t_default / ms:.2f}x"
+            except Exception as exc:  # e.g. out of registers / shared memory for a big tile
+                check, ms, vs = f"ERROR {type(exc).__name__}", None, "—"
+            if kind == "low-codes":
+                check += " (codes < 128)"
+            lines.append(f"| {nq} | {N_} | {M} | {full['BLOCK_N']} | {full['BLOCK_M']} | {full['num_warps']} "
+                         f"| {_fmt_ms(ms)} | {vs} | {check} |")
+            print(lines[-1], flush=True)
+        del lut, codes
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if stopped:
+            break
+    note = "" if not stopped else f"\n(sweep stopped after {budget_s:.0f} s: later configurations not run)\n"
+    return ("ADC launch-configuration sweep (adc_scores_triton; 'vs default' = default config's "
+            "time / this config's time, >1 is faster than the default):\n\n" + "\n".join(lines) + "\n" + note)
 
 
 # --------------------------------------------------------------------------- main
@@ -401,6 +512,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes under the CPU interpreter")
     parser.add_argument("--sections", default="", help="comma-separated substrings of section names")
     parser.add_argument("--no-save", action="store_true", help=f"do not append to {RESULTS}")
+    parser.add_argument("--sweep", action="store_true", help="also time ADC launch configurations")
+    parser.add_argument("--sweep-budget", type=float, default=150.0, help="seconds for the sweep")
     args = parser.parse_args(argv)
 
     # TRITON_INTERPRET is read when triton is imported: decide before anything imports it
@@ -439,6 +552,8 @@ def main(argv=None) -> int:
         f"(codes + LUT + output, or x + centroids + codes) / triton time."
     )
     table = markdown_table(ctx, header)
+    if args.sweep:
+        table += "\n" + adc_sweep(ctx, args.sweep_budget)
     print()
     print(table)
     if not args.no_save:

@@ -1,20 +1,32 @@
-"""Triton ADC score kernel: scores[q, n] = sum_m lut[q, m, codes[n, m]].
+"""Triton ADC gather kernel: scores[q, n] = sum_m lut[q, m, codes[n, m]].
 
-Kept apart from adc.py so that `import jpq` never needs triton; adc.py imports this lazily.
+Kept apart from adc.py so that `import jpq` never needs triton; adc.py imports this lazily. The
+fused straight-through op (ste_triton.py) launches the same kernel for its forward, with given
+(query, candidate) pairs.
 
-Layout choice. Codes stay in their native (N, M) row-major layout and every program loads a
-2-D tile codes[n0:n0+BLOCK_N, m0:m0+BLOCK_M]: each document row contributes BLOCK_M
-contiguous bytes, so with BLOCK_M = 32 a warp reads whole 32-byte sectors (rows start on
-M-byte boundaries; M = 96 is a multiple of 32). Transposing to (M, N) in the launcher would
-make a one-subspace load contiguous too, but costs an extra read + write of all N * M code
-bytes per call: 3x the code traffic of the kernel itself at nq = 1, the bandwidth-bound case.
-The tile is then gathered from the LUT for BLOCK_Q queries at once, (BLOCK_Q, BLOCK_N,
-BLOCK_M) floats, and summed over the subspace axis; with BLOCK_M = 1 this is exactly the
-textbook "load the codes of subspace m, gather, accumulate, loop over m".
+One program scores one query against BLOCK_N documents (or BLOCK_N of the query's candidates):
+it loads the code tile codes[docs, m0:m0+BLOCK_M] in the codes' native (N, M) row-major layout
+(each row gives BLOCK_M contiguous bytes), gathers lut[q, m, code] for it and sums over the
+subspace axis, BLOCK_M subspaces per step. Codes are never transposed: that would cost an extra
+read and write of all N * M bytes per call, 3x the kernel's own code traffic at nq = 1.
+Grid: (document blocks, queries), documents on axis 0 (launched fastest), so the programs
+resident at one time share one query's LUT (M * K * 4 bytes: 96 KB at M = 96, K = 256), which
+stays in L1.
 
-Grid: (document blocks, query blocks), documents on axis 0 (launched fastest), so consecutive
-programs share one query block's LUT (BLOCK_Q * M * K * 4 bytes: 384 KB at BLOCK_Q=4, M=96,
-K=256), which stays in L2 while the codes stream through once per query block.
+Measured on an H100 (bench/results/gpu.md, 2026-11-28, Triton 3.6):
+- This kernel at BLOCK_N = 128, BLOCK_M = 32, 4 warps is exact (float32 rounding) at M = 96, 48
+  and 3: it is the forward of the fused straight-through op, checked there against float64.
+- Two other tilings gave wrong scores on the card although the CPU interpreter found them exact:
+  the first version's (4 queries x 256 documents x 4 subspaces) tile at M = 3, K = 256, and a
+  1-D grouped launch order with (256 x 32) tiles at every M. The common factor is 256-document
+  tiles; the cause was not isolated (no device time left). So BLOCK_N stays at 128 and the
+  block-size sweep in bench/gpu.py (`--sweep`) checks every tiling against float64 before
+  timing it.
+- Speed: run 2's sweep timed one-query-per-program tilings (in the 1-D grouped order, which was
+  within 5% of this 2-D order; their results were not checked against float64 there):
+  128 x 32 tiles, 1M codes, M = 96: 0.075 ms at 1 query, 3.6 ms at 64 queries (plain torch
+  43 ms); 1024 queries 55-58 ms with 256 x 32 tiles (torch 963 ms). The first version
+  (4 queries per program) took 24 ms and 385 ms there: 4 queries' LUTs do not fit L1.
 """
 from __future__ import annotations
 
@@ -22,83 +34,82 @@ import torch
 import triton
 import triton.language as tl
 
-# Block sizes: untuned guesses (written on a machine without a GPU); bench/gpu.py times them.
-# ELEMS_PER_TILE bounds the gathered (BLOCK_Q, BLOCK_N, BLOCK_M) tile at 4096 floats, i.e.
-# 32 registers per thread at num_warps=4, leaving room for the offsets and the accumulator.
-ELEMS_PER_TILE = 4096
-MAX_BLOCK_M = 32  # one 32-byte sector of codes per document row per step
-MAX_BLOCK_Q = 4  # LUT rows of 4 queries share each loaded code tile
-MIN_BLOCK_N = 32  # a 32-float (128-byte) output row segment per query
-MAX_BLOCK_N = 256
+BLOCK_N = 128  # documents (candidates) per program; 256 gave wrong results on an H100, see above
+MAX_BLOCK_M = 32  # subspaces per step: one 32-byte sector of codes per document row
+NUM_WARPS = 4
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1; queries beyond it are launched in chunks
 
 
 @triton.jit
-def _adc_scores_kernel(
-    lut_ptr,
-    codes_ptr,
-    out_ptr,
-    nq,
-    N,
-    M,
-    K,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+def _adc_gather_kernel(
+    lut_ptr, codes_ptr, idx_ptr, out_ptr, B, P, M, K,
+    PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """One (BLOCK_Q queries) x (BLOCK_N documents) tile of ADC scores.
+    """out[b, p] = sum_m lut[b, m, codes[doc(b, p), m]], doc(b, p) = idx[b, p] (PAIRS) or p;
+    one program per (query b, BLOCK_N candidates).
 
     Args:
-        lut_ptr: pointer to the look-up tables, shape=(nq, M, K), float32, contiguous.
-        codes_ptr: pointer to the PQ codes, shape=(N, M), uint8, contiguous, values < K.
-        out_ptr: pointer to the scores, shape=(nq, N), float32, contiguous (written).
-        nq, N, M, K: sizes.
-        BLOCK_Q, BLOCK_N, BLOCK_M: queries, documents and subspaces per tile.
+        lut_ptr: look-up tables, shape=(B, M, K), float32, contiguous.
+        codes_ptr: PQ codes, shape=(N, M), uint8, contiguous, values < K.
+        idx_ptr: doc_index, shape=(B, P), int64, contiguous (read only when PAIRS).
+        out_ptr: scores, shape=(B, P), float32, contiguous (written); P = N without PAIRS.
+        B, P, M, K: sizes.
+        PAIRS: candidates given per query by idx (else every document, p = n).
+        BLOCK_N, BLOCK_M: candidates per program and subspaces per step.
     """
-    pid_n = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(1).to(tl.int64)  # int64 offsets: B * P and N * M can pass 2**31
+    offs_p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    if PAIRS:
+        docs = tl.load(idx_ptr + b * P + offs_p, mask=mask_p, other=0)
+    else:
+        docs = offs_p.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    mask_q = offs_q < nq
-    mask_n = offs_n < N
-    # int64 offsets: nq * N and N * M can pass 2**31 at a million documents
-    rows_q = offs_q.to(tl.int64)
-    rows_n = offs_n.to(tl.int64)
-    lut_q = lut_ptr + rows_q[:, None, None] * (M * K)  # (BLOCK_Q, 1, 1) pointers
-
-    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    lut_b = lut_ptr + b * M * K
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs_m
-        tile_mask = mask_n[:, None] & (m < M)[None, :]  # (BLOCK_N, BLOCK_M)
-        codes = tl.load(codes_ptr + rows_n[:, None] * M + m[None, :], mask=tile_mask, other=0)
-        lut_off = m[None, :] * K + codes.to(tl.int32)  # (BLOCK_N, BLOCK_M), < M * K
-        vals = tl.load(
-            lut_q + lut_off[None, :, :],
-            mask=mask_q[:, None, None] & tile_mask[None, :, :],
-            other=0.0,
-        )  # (BLOCK_Q, BLOCK_N, BLOCK_M); masked entries add 0
-        acc += tl.sum(vals, axis=2)
-
-    out = out_ptr + rows_q[:, None] * N + rows_n[None, :]
-    tl.store(out, acc, mask=mask_q[:, None] & mask_n[None, :])
+        mask = mask_p[:, None] & (m < M)[None, :]  # (BLOCK_N, BLOCK_M)
+        code = tl.load(codes_ptr + docs[:, None] * M + m[None, :], mask=mask, other=0)
+        vals = tl.load(lut_b + m[None, :] * K + code.to(tl.int32), mask=mask, other=0.0)
+        acc += tl.sum(vals, axis=1)
+    tl.store(out_ptr + b * P + offs_p, acc, mask=mask_p)
 
 
-def _block_sizes(nq: int, M: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_N, BLOCK_M) for a call; see the constants above for the reasoning."""
-    block_m = min(MAX_BLOCK_M, triton.next_power_of_2(M))
-    block_q = min(MAX_BLOCK_Q, triton.next_power_of_2(nq))
-    block_n = ELEMS_PER_TILE // (block_q * block_m)
-    block_n = max(MIN_BLOCK_N, min(MAX_BLOCK_N, block_n))
-    return block_q, block_n, block_m
+def _config(M: int, config: dict | None) -> dict:
+    """Block sizes and warps of one launch; `config` overrides them (bench/gpu.py --sweep)."""
+    cfg = {"BLOCK_N": BLOCK_N, "BLOCK_M": min(MAX_BLOCK_M, triton.next_power_of_2(M)), "num_warps": NUM_WARPS}
+    cfg.update(config or {})
+    return cfg
 
 
-def adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def launch_gather(lut, codes, doc_index, out, config: dict | None = None) -> None:
+    """Fill out (B, P) with ADC scores: every document (doc_index None, P = N) or the given
+    candidates doc_index (B, P) int64. Inputs contiguous, on one CUDA device (or the
+    interpreter); sizes and dtypes are the callers' to check."""
+    B, M, K = lut.shape
+    P = out.shape[1]
+    if B == 0 or P == 0:
+        return
+    cfg = _config(M, config)
+    pairs = doc_index is not None
+    idx = doc_index if pairs else codes  # never read without PAIRS
+    for b0 in range(0, B, MAX_GRID_Y):  # one iteration unless B > 65535 queries
+        b1 = min(B, b0 + MAX_GRID_Y)
+        grid = (triton.cdiv(P, cfg["BLOCK_N"]), b1 - b0)
+        _adc_gather_kernel[grid](
+            lut[b0:b1], codes, idx[b0:b1] if pairs else idx, out[b0:b1], b1 - b0, P, M, K,
+            PAIRS=pairs, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"],
+        )
+
+
+def adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """ADC scores of every query against every code, on the tensors' device.
 
     Args:
         lut: shape=(nq, M, K), float32, contiguous, K <= 256.
         codes: shape=(N, M), uint8, contiguous, values < K (checked by the caller).
+        config: optional overrides of BLOCK_N, BLOCK_M, num_warps (benchmarks).
 
     Returns:
         scores: shape=(nq, N), float32: scores[q, n] = sum_m lut[q, m, codes[n, m]].
@@ -113,18 +124,6 @@ def adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"lut is on {lut.device} but codes are on {codes.device}")
     lut = lut.contiguous()
     codes = codes.contiguous()
-    nq, M, K = lut.shape
-    N = codes.shape[0]
-    out = torch.empty((nq, N), dtype=torch.float32, device=lut.device)
-    if nq == 0 or N == 0:
-        return out
-    block_q, block_n, block_m = _block_sizes(nq, M)
-    q_chunk = MAX_GRID_Y * block_q
-    for q0 in range(0, nq, q_chunk):  # one iteration unless nq > 262k queries
-        q1 = min(nq, q0 + q_chunk)
-        grid = (triton.cdiv(N, block_n), triton.cdiv(q1 - q0, block_q))
-        _adc_scores_kernel[grid](
-            lut[q0:q1], codes, out[q0:q1], q1 - q0, N, M, K,
-            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_M=block_m,
-        )
+    out = torch.empty((lut.shape[0], codes.shape[0]), dtype=torch.float32, device=lut.device)
+    launch_gather(lut, codes, None, out, config)
     return out

@@ -15,9 +15,9 @@ never stored. Everything is float32 (ste.py casts); tl.sum/atomics accumulate in
 
 Design notes:
 - Forward: LUT lut[b, m, k] = q_m . C[m, k] (or ||q_m - C[m, k]||^2) by torch.bmm (adc.py's
-  `_build_lut_torch`), then one program per (BLOCK_B queries) x (BLOCK_P documents) tile
-  gathers lut[b, m, codes[doc, m]] for BLOCK_M subspaces at a time, like adc_triton. With
-  given pairs (PAIRS) the document of each (b, p) comes from doc_index.
+  `_build_lut_torch`), then adc_triton's gather kernel (the ADC kernel itself): one program
+  per (query b) x (128 candidates) gathers lut[b, m, codes[doc, m]] for BLOCK_M subspaces at
+  a time. With given pairs (PAIRS) the document of each (b, p) comes from doc_index.
 - Backward: the same tiling, with tl.atomic_add(G[b, m, code], g[b, p]) in place of the load.
   B*P*M relaxed float atomics into a B*M*K table (~50 documents per (m, k) at N=12800);
   a one-hot tl.dot formulation (G_m = g @ onehot(codes[:, m])) is the alternative to time on
@@ -30,14 +30,12 @@ import triton
 import triton.language as tl
 
 from .adc import _build_lut_torch
+from .adc_triton import launch_gather
 
-# Block sizes: untuned guesses (written on a machine without a GPU); bench/bench_ste.py's
-# gpu_section() times them on a card. ELEMS_PER_TILE bounds the gathered
-# (BLOCK_B, BLOCK_P, BLOCK_M) tile at 4096 values (32 registers/thread at num_warps=4).
-ELEMS_PER_TILE = 4096
-MAX_BLOCK_B = 4
+# Block sizes of the scatter kernel (G): one query per program, the tiling of the forward's
+# gather kernel (adc_triton._adc_gather_kernel), which an H100 run verified.
+BLOCK_P = 128  # candidates per program; (BLOCK_P, BLOCK_M) = 4096 values at BLOCK_M = 32
 MAX_BLOCK_M = 32
-MIN_BLOCK_P, MAX_BLOCK_P = 16, 256
 BLOCK_N = 64  # documents per program of the reconstruction kernels
 MAX_BLOCK_D = 64  # sub-vector columns per step of the reconstruction kernels
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1
@@ -45,51 +43,9 @@ TILE = 256  # queries per G table in ste._fast_backward: (256, M, K) floats = 25
 
 
 @triton.jit
-def _pair_tile(idx_ptr, B, P, PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
-    """This program's (BLOCK_B, BLOCK_P) tile of (query, candidate) pairs: query rows (int64),
-    candidate columns, the in-bounds mask and the document row of each pair (idx[b, p] when
-    PAIRS, else p)."""
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_bp = (offs_b < B)[:, None] & (offs_p < P)[None, :]
-    rows_b = offs_b.to(tl.int64)
-    if PAIRS:
-        docs = tl.load(idx_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0)
-    else:
-        docs = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.int64) + offs_p[None, :].to(tl.int64)
-    return rows_b, offs_p, mask_bp, docs
-
-
-@triton.jit
-def _ste_scores_kernel(
-    lut_ptr, codes_ptr, idx_ptr, out_ptr, B, P, M, K,
-    PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """out[b, p] = sum_m lut[b, m, codes[doc(b, p), m]], doc(b, p) = idx[b, p] (PAIRS) or p.
-
-    Args:
-        lut_ptr: look-up tables, shape=(B, M, K), float32, contiguous.
-        codes_ptr: PQ codes, shape=(N, M), uint8, contiguous.
-        idx_ptr: doc_index, shape=(B, P), int64, contiguous (read only when PAIRS).
-        out_ptr: scores, shape=(B, P), float32, contiguous (written); P = N without PAIRS.
-    """
-    rows_b, offs_p, mask_bp, docs = _pair_tile(idx_ptr, B, P, PAIRS, BLOCK_B, BLOCK_P)
-    offs_m = tl.arange(0, BLOCK_M)
-    lut_b = lut_ptr + rows_b[:, None, None] * (M * K)
-    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        m = m0 + offs_m
-        mask = mask_bp[:, :, None] & (m < M)[None, None, :]
-        code = tl.load(codes_ptr + docs[:, :, None] * M + m[None, None, :], mask=mask, other=0)
-        vals = tl.load(lut_b + m[None, None, :] * K + code.to(tl.int32), mask=mask, other=0.0)
-        acc += tl.sum(vals, axis=2)
-    tl.store(out_ptr + rows_b[:, None] * P + offs_p[None, :], acc, mask=mask_bp)
-
-
-@triton.jit
 def _grad_table_kernel(
     g_ptr, codes_ptr, idx_ptr, G_ptr, B, P, M, K,
-    PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """G[b, m, codes[doc(b, p), m]] += g[b, p] (the transposed gather of the forward).
 
@@ -98,16 +54,22 @@ def _grad_table_kernel(
         codes_ptr: shape=(N, M), uint8; idx_ptr: shape=(B, P), int64 (PAIRS only).
         G_ptr: the table, shape=(B, M, K), float32, zero-initialised (atomically added to).
     """
-    rows_b, offs_p, mask_bp, docs = _pair_tile(idx_ptr, B, P, PAIRS, BLOCK_B, BLOCK_P)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    if PAIRS:
+        docs = tl.load(idx_ptr + b * P + offs_p, mask=mask_p, other=0)
+    else:
+        docs = offs_p.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    g = tl.load(g_ptr + rows_b[:, None] * P + offs_p[None, :], mask=mask_bp, other=0.0)
-    vals = tl.broadcast_to(g[:, :, None], (BLOCK_B, BLOCK_P, BLOCK_M))
-    G_b = G_ptr + rows_b[:, None, None] * (M * K)
+    g = tl.load(g_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+    vals = tl.broadcast_to(g[:, None], (BLOCK_P, BLOCK_M))
+    G_b = G_ptr + b * M * K
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs_m
-        mask = mask_bp[:, :, None] & (m < M)[None, None, :]
-        code = tl.load(codes_ptr + docs[:, :, None] * M + m[None, None, :], mask=mask, other=0)
-        tl.atomic_add(G_b + m[None, None, :] * K + code.to(tl.int32), vals, mask=mask, sem="relaxed")
+        mask = mask_p[:, None] & (m < M)[None, :]
+        code = tl.load(codes_ptr + docs[:, None] * M + m[None, :], mask=mask, other=0)
+        tl.atomic_add(G_b + m[None, :] * K + code.to(tl.int32), vals, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -201,28 +163,19 @@ def _dx_epilogue_kernel(x_ptr, c_ptr, codes_ptr, a_ptr, r_ptr, dx_ptr, N, M, K, 
 
 
 # --------------------------------------------------------------------------- launchers
-def _tile_sizes(B: int, M: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_P, BLOCK_M): see the constants above."""
-    block_m = min(MAX_BLOCK_M, triton.next_power_of_2(M))
-    block_b = min(MAX_BLOCK_B, triton.next_power_of_2(max(B, 1)))
-    block_p = max(MIN_BLOCK_P, min(MAX_BLOCK_P, ELEMS_PER_TILE // (block_b * block_m)))
-    return block_b, block_p, block_m
-
-
 def _launch_bp(kernel, src, codes, doc_index, dst, B, P, M, K):
-    """Launch a (documents, queries)-tiled kernel for B queries x P documents (or pairs)."""
+    """Launch a (candidates, queries)-gridded kernel for B queries x P documents (or pairs)."""
     if B == 0 or P == 0:
         return
-    block_b, block_p, block_m = _tile_sizes(B, M)
+    block_m = min(MAX_BLOCK_M, triton.next_power_of_2(M))
     pairs = doc_index is not None
     idx = doc_index if pairs else codes  # never read without PAIRS
-    chunk = MAX_GRID_Y * block_b
-    for b0 in range(0, B, chunk):  # one iteration unless B > 262k queries
-        b1 = min(B, b0 + chunk)
-        grid = (triton.cdiv(P, block_p), triton.cdiv(b1 - b0, block_b))
+    for b0 in range(0, B, MAX_GRID_Y):  # one iteration unless B > 65535 queries
+        b1 = min(B, b0 + MAX_GRID_Y)
+        grid = (triton.cdiv(P, BLOCK_P), b1 - b0)
         kernel[grid](
             src[b0:b1], codes, idx[b0:b1] if pairs else idx, dst[b0:b1], b1 - b0, P, M, K,
-            PAIRS=pairs, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_M=block_m,
+            PAIRS=pairs, BLOCK_P=BLOCK_P, BLOCK_M=block_m,
         )
 
 
@@ -233,7 +186,7 @@ def scores(q, C, codes, doc_index, metric):
     lut = _build_lut_torch(q, C, metric)  # (B, M, K), contiguous
     P = codes.shape[0] if doc_index is None else doc_index.shape[1]
     out = torch.empty((q.shape[0], P), dtype=torch.float32, device=q.device)
-    _launch_bp(_ste_scores_kernel, lut, codes, doc_index, out, q.shape[0], P, M, K)
+    launch_gather(lut, codes, doc_index, out)
     return out
 
 

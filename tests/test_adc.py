@@ -54,6 +54,29 @@ def test_adc_scores_matches_reference(backend, M, K, ds, N, nq, k):
     assert_close(out, adc_scores_reference(lut, codes), reduction_length=M, scale=np.abs(lut).max())
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("nq,k", [(1, 5), (3, 20)])
+def test_triton_topk_merges_document_chunks(monkeypatch, metric, nq, k):
+    """The Triton top-k scores documents in chunks and merges each chunk's top-k with the best
+    so far: shrink the chunks so a 200-document search takes several (k = 20 > a chunk too)."""
+    from jpq.kernels import adc as adc_module
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    monkeypatch.setattr(adc_module, "TRITON_SCORES_PER_CHUNK", 16 * nq)
+    monkeypatch.setattr(adc_module, "TRITON_MIN_DOCS_PER_CHUNK", 16)
+    rng = np.random.default_rng(nq + k)
+    C, codes, q = random_pq(rng, 4, 16, 2, 200, nq)  # K = 16: many tied scores across chunks
+    lut = build_lut_reference(q, C, metric)
+    scores_ref = adc_scores_reference(lut, codes)
+    D_ref, I_ref = topk_from_scores(scores_ref, k, metric)
+    D, I = adc_topk(torch.from_numpy(lut), torch.from_numpy(codes), k, metric=metric, backend="triton")
+    assert_topk_matches(D, I, D_ref, I_ref, scores_ref, atol=4e-6 * 4 * np.abs(lut).max(), metric=metric)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("M,K,ds", [(1, 256, 4), (3, 7, 5), (96, 256, 8), (8, 16, 24)])

@@ -126,7 +126,7 @@ def test_losses_push_positives_up():
         assert g[0] < 0 and g[1] > 0 and g[2] > 0 and g[3] == 0, (fn.__name__, g)
     # CE by hand: -log(e^0 / (e^0 + e^1 + e^2))
     expected = -np.log(1 / (1 + np.e + np.e ** 2))
-    assert float(ce_loss(logits, pos, valid)) == pytest.approx(expected, rel=1e-6)
+    assert float(ce_loss(logits, pos, valid).detach()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_config_and_trainer_validation():
