@@ -1,6 +1,6 @@
 """The tree demo on held-out *training* queries: is the test-split result typical?
 
-    python bench/tree_heldout.py                    # SciFact, 6 outer seeds, 4-5 min
+    python bench/tree_heldout.py                    # SciFact, 6 outer seeds, 3-5 min
     python bench/tree_heldout.py --seeds 123,7      # fewer seeds
 
 SciFact's test split has 300 queries, so a Recall@100 difference of 0.01-0.02 between two indexes

@@ -173,6 +173,72 @@ def test_narrow_beam_scores_only_reached_leaves(small_tree):
     assert index.fraction_scored(q, index.n_leaves) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_centroid_share_fills_the_beam_with_the_best_centroid_leaves(metric, tmp_path):
+    """probe with a centroid share: the routing's first w - floor(share * w) leaves, then the
+    other non-empty leaves with the best centroid score (the mean reconstruction of the leaf's
+    documents), no leaf twice, scores = path log-probabilities; a full beam still equals
+    exhaustive search; the share is saved."""
+    from jpq.tree import leaf_log_probs
+
+    rng = np.random.default_rng(5)
+    x, _, _ = clustered(rng, 12, 40, 16, noise=0.7)
+    index = TreeIndex(16, (3, 4), M=4, nbits=5, metric=metric)
+    index.train(x, niter=6)
+    index.add(x[:300])  # some leaves may stay empty
+    q = rng.standard_normal((7, 16)).astype(np.float32)
+    sizes = index.leaf_sizes()
+    xhat = index.pq.decode(index.pq.codes)
+    cent = np.zeros((index.n_leaves, 16))
+    for leaf in range(index.n_leaves):
+        if sizes[leaf]:
+            cent[leaf] = xhat[index.leaf_of == leaf].mean(0)
+    assert_close(index.leaf_centroids(), cent.astype(np.float32), reduction_length=300)
+    cscore = q @ cent.T if metric == "ip" else -((q[:, None] - cent[None]) ** 2).sum(-1)
+    cscore[:, sizes == 0] = -np.inf
+    emb, bia, ls = index.routing_params()
+    logp = leaf_log_probs(torch.from_numpy(q), emb, bia, ls, index.branching).numpy()
+    for share in (0.25, 0.5, 0.9):
+        for beam in (1, 2, 4, 7):
+            routed, rscore = index.probe(q, beam, centroid_share=0.0)
+            leaves, score = index.probe(q, beam, centroid_share=share)
+            w = routed.shape[1]
+            n_learn = w - int(share * w)
+            for i in range(len(q)):
+                ok = np.isfinite(score[i])
+                got = leaves[i][ok]
+                assert len(set(got.tolist())) == len(got) and (sizes[got] > 0).all()
+                head = routed[i][:n_learn][np.isfinite(rscore[i][:n_learn])]
+                assert_equal(got[: len(head)], head)
+                rest = [l for l in np.argsort(-cscore[i], kind="stable") if l not in head and sizes[l] > 0]
+                assert_equal(got[len(head):], np.array(rest[: len(got) - len(head)], dtype=np.int64))
+                assert len(got) == min(w, int((sizes > 0).sum()))
+                assert_close(score[i][ok], logp[i, got], reduction_length=16)
+    index.centroid_share = 0.5
+    try:
+        for k in (5, 50):  # a beam over every leaf still scores every document
+            D_ref, I_ref = index.pq.search(q, k)
+            D, I = index.search(q, k, beam=index.n_leaves)
+            assert_equal(I, I_ref)
+            assert_equal(D, D_ref)
+        D0, I0 = index.search(q, 10, beam=3)
+        path = tmp_path / "t.jpq"
+        index.save(path)
+        loaded = TreeIndex.load(path)
+        assert loaded.centroid_share == 0.5
+        D1, I1 = loaded.search(q, 10, beam=3)
+        assert_equal(I1, I0)
+        assert_equal(D1, D0)
+    finally:
+        index.centroid_share = 0.0
+    with pytest.raises(ValueError, match="centroid_share"):
+        index.probe(q, 2, centroid_share=1.0)
+    with pytest.raises(TypeError, match="centroid_share"):
+        TreeIndex(16, (2, 2), M=4, centroid_share="half")
+    with pytest.raises(ValueError, match="centroid_share"):
+        TreeConfig(centroid_share=-0.1)
+
+
 def test_beam_search_keeps_the_best_paths_and_skips_empty_leaves():
     rng = np.random.default_rng(5)
     emb, bia, ls = tiny_params(rng, d=6, branching=(4, 3), dtype=torch.float32)
