@@ -105,8 +105,10 @@ class Context:
         """Median time and peak memory of the Triton path and its plain-torch baseline."""
         row.triton_ms = self.bench(triton_fn, grad_to_none=grad_to_none)
         row.torch_ms = self.bench(torch_fn, grad_to_none=grad_to_none)
-        row.triton_peak = self.peak_bytes(triton_fn)
-        row.torch_peak = self.peak_bytes(torch_fn)
+        for fn, attr in ((triton_fn, "triton_peak"), (torch_fn, "torch_peak")):
+            for t in grad_to_none or ():
+                t.grad = None  # count the gradients a step allocates
+            setattr(row, attr, self.peak_bytes(fn))
 
     def case(self, section: str, shape: str, fn) -> None:
         """Run one size of one section; fn(row) fills the row. An exception becomes a failed row."""
@@ -501,6 +503,9 @@ def adc_sweep(ctx, budget_s: float = 150.0) -> str:
         if stopped:
             break
     note = "" if not stopped else f"\n(sweep stopped after {budget_s:.0f} s: later configurations not run)\n"
+    if any("ERROR" in line for line in lines):
+        note += ("\n(after a CUDA error such as an illegal address every later configuration fails too: "
+                 "CUDA errors are sticky; rerun from the first ERROR with fewer configurations)\n")
     return ("ADC launch-configuration sweep (adc_scores_triton; 'vs default' = default config's "
             "time / this config's time, >1 is faster than the default):\n\n" + "\n".join(lines) + "\n" + note)
 

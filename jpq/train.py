@@ -313,7 +313,11 @@ class Checkpointing:
         if path is None or not path.exists():
             return None
         ck = torch.load(path, weights_only=False)
-        if ck["config"] != asdict(self.cfg):
+        # fields that only say how the result is searched (SEARCH_ONLY_FIELDS on the config
+        # class, e.g. the tree's centroid_share) may differ: training never reads them
+        ignore = set(getattr(type(self.cfg), "SEARCH_ONLY_FIELDS", ()))
+        if {k: v for k, v in ck["config"].items() if k not in ignore} != \
+                {k: v for k, v in asdict(self.cfg).items() if k not in ignore}:
             raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
         self._load_model_state(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])

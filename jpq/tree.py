@@ -353,19 +353,27 @@ class TreeIndex(VectorIndexInput):
         self.init_scale = float(init_scale)
         self.doc_beam = _check_beam(doc_beam)
         self.kmeans_metric = check_metric(kmeans_metric)
-        self.centroid_share = float(centroid_share)
+        self.centroid_share = centroid_share  # validated by the property setter
         self.embeddings: list[np.ndarray] | None = None
         self.biases: list[np.ndarray] | None = None
         self.log_scales: np.ndarray | None = None
         self.query_matrix: np.ndarray | None = None
         self.leaf_of = np.empty(0, np.int64)
         self._lists = None
-        self._leaf_means = None  # (the _lists it was computed for, (n_leaves, d) means)
+        self._leaf_means = None  # (what it was computed from, (n_leaves, d) means)
 
     # ------------------------------------------------------------------ properties
     @property
     def M(self) -> int:
         return self.pq.M
+
+    @property
+    def centroid_share(self) -> float:
+        return self._centroid_share
+
+    @centroid_share.setter
+    def centroid_share(self, share) -> None:
+        self._centroid_share = _check_share(share)
 
     @property
     def nbits(self) -> int:
@@ -501,13 +509,14 @@ class TreeIndex(VectorIndexInput):
         """Mean PQ reconstruction of each leaf's documents, shape=(n_leaves, d) float32 (zeros
         for an empty leaf); cached until the leaves change."""
         lists = self._inverted_lists()
-        if self._leaf_means is None or self._leaf_means[0] is not lists:
+        key = (lists, self.pq, self.pq.codes, self.pq.centroids, self.pq.rotation)
+        if self._leaf_means is None or any(a is not b for a, b in zip(self._leaf_means[0], key)):
             offsets, ids, _ = lists
             means = np.zeros((self.n_leaves, self.d), np.float32)
             for leaf in np.flatnonzero(np.diff(offsets)):
                 docs = ids[offsets[leaf] : offsets[leaf + 1]]
                 means[leaf] = self.pq.decode(self.pq.codes[docs]).mean(0, dtype=np.float64)
-            self._leaf_means = (lists, means)
+            self._leaf_means = (key, means)
         return self._leaf_means[1]
 
     def _add_centroid_leaves(self, q: np.ndarray, leaves: np.ndarray, score: np.ndarray, share: float):
@@ -515,25 +524,33 @@ class TreeIndex(VectorIndexInput):
         the leaves whose centroids score highest (inner product, or -L2 for metric "l2"). Scores
         become every returned leaf's path log-probability."""
         nq, w = leaves.shape
-        n_cent = int(w * share)
+        n_cent = math.floor(w * share + 1e-9)
         if n_cent == 0 or nq == 0:
             return leaves, score
         n_learn = w - n_cent
         cent = self.leaf_centroids()
-        s = q @ cent.T if self.metric == "ip" else 2 * (q @ cent.T) - (cent * cent).sum(1)
-        s[:, self.leaf_sizes() == 0] = -np.inf
-        rows = np.arange(nq)[:, None]
-        rank = np.empty(s.shape, np.float64)
-        rank[rows, np.argsort(-s, axis=1, kind="stable")] = np.arange(self.n_leaves)
-        prio = np.where(np.isfinite(s), n_learn + rank, np.inf)  # after the routing's leaves
-        head, head_ok = leaves[:, :n_learn], np.isfinite(score[:, :n_learn])
-        prio[rows, head] = np.where(head_ok, np.arange(n_learn), prio[rows, head])
-        order = np.argsort(prio, axis=1, kind="stable")[:, :w]
+        empty = self.leaf_sizes() == 0
         emb, bia, ls = self.routing_params()
-        with torch.no_grad():
-            logp = leaf_log_probs(torch.from_numpy(q), emb, bia, ls, self.branching).numpy()
-        new_score = np.where(np.isfinite(prio[rows, order]), logp[rows, order], -np.inf).astype(score.dtype)
-        return order.astype(np.int64), new_score
+        out_leaves = np.empty_like(leaves)
+        out_score = np.empty_like(score)
+        step = max(1, (1 << 22) // self.n_leaves)  # bounds the (rows, n_leaves) work arrays
+        for r0 in range(0, nq, step):
+            r1 = min(nq, r0 + step)
+            qs = q[r0:r1]
+            s = qs @ cent.T if self.metric == "ip" else 2 * (qs @ cent.T) - (cent * cent).sum(1)
+            s[:, empty] = -np.inf
+            rows = np.arange(r1 - r0)[:, None]
+            rank = np.empty(s.shape, np.float64)
+            rank[rows, np.argsort(-s, axis=1, kind="stable")] = np.arange(self.n_leaves)
+            prio = np.where(np.isfinite(s), n_learn + rank, np.inf)  # after the routing's leaves
+            head, head_ok = leaves[r0:r1, :n_learn], np.isfinite(score[r0:r1, :n_learn])
+            prio[rows, head] = np.where(head_ok, np.arange(n_learn), prio[rows, head])
+            order = np.argsort(prio, axis=1, kind="stable")[:, :w]
+            with torch.no_grad():
+                logp = leaf_log_probs(torch.from_numpy(qs), emb, bia, ls, self.branching).numpy()
+            out_leaves[r0:r1] = order
+            out_score[r0:r1] = np.where(np.isfinite(prio[rows, order]), logp[rows, order], -np.inf)
+        return out_leaves, out_score
 
     # ------------------------------------------------------------------ search
     def probe(self, q, beam: int, transformed: bool = False, centroid_share: float | None = None):
@@ -718,6 +735,7 @@ class TreeConfig:
     # nDCG@10 0.710 / 0.764 / 0.797 -> 0.734 / 0.771 / 0.801 (higher at 5% and 10% on 6/6 seeds).
     # Validating with the share too selected worse epochs (0.825 / 0.872 / 0.928).
     centroid_share: float = 0.5
+    SEARCH_ONLY_FIELDS = ("centroid_share",)  # a resumed run may change it (Checkpointing._resume)
     val_fraction: float = 0.2
     holdout: str = "random"  # or "disjoint" (see jpq.train.holdout_split)
     val_fractions: tuple = TARGET_FRACTIONS  # validation: mean of (nDCG@10 + Recall@100) / 2 at these
@@ -1232,7 +1250,7 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
         fr = np.array([ix.fraction_scored(qt, b) for b in range(1, leaves + 1)])
         return fr, lambda b: ix.search(qt, 100, b)[1]
 
-    init_searched = copy.copy(init)  # the k-means tree searched as the trained one is
+    init_searched = copy.deepcopy(init)  # the k-means tree searched as the trained one is
     init_searched.centroid_share = tree.centroid_share
     methods = {"tree": tree_runner(tree), "tree-init": tree_runner(init_searched),
                "ivf-flat": ivf_runner(ivf_flat, qt), "ivf-pq": ivf_runner(ivf_pq, qt),

@@ -269,9 +269,10 @@ def _adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return adc_scores_triton(lut, codes)
 
 
-# The (nq, chunk) score block kept for top-k is bounded at TRITON_SCORES_PER_CHUNK floats
-# (256 MB); with few queries one chunk covers a million documents, so a search is one kernel and
-# one torch.topk instead of 16 rounds of them (16 rounds cost 5.5 ms at nq = 1 on an H100).
+# Documents per top-k chunk: TRITON_SCORES_PER_CHUNK // nq, at least TRITON_MIN_DOCS_PER_CHUNK,
+# so the (nq, chunk) score block is 256 MB up to 1024 queries and nq * 256 KB beyond. With few
+# queries one chunk covers a million documents: a search is one kernel and one torch.topk instead
+# of 16 rounds of them (16 rounds cost 5.5 ms at nq = 1 on an H100).
 TRITON_SCORES_PER_CHUNK = 1 << 26
 TRITON_MIN_DOCS_PER_CHUNK = 1 << 16
 

@@ -233,6 +233,8 @@ def test_centroid_share_fills_the_beam_with_the_best_centroid_leaves(metric, tmp
         index.centroid_share = 0.0
     with pytest.raises(ValueError, match="centroid_share"):
         index.probe(q, 2, centroid_share=1.0)
+    with pytest.raises(ValueError, match="centroid_share"):
+        index.centroid_share = 1.5
     with pytest.raises(TypeError, match="centroid_share"):
         TreeIndex(16, (2, 2), M=4, centroid_share="half")
     with pytest.raises(ValueError, match="centroid_share"):
@@ -332,6 +334,11 @@ def test_checkpoint_resume_is_deterministic(tmp_path):
         other = trainer(tmp_path / "a")
         other.cfg.epochs = 4
         other.fit(resume=True)
+    # the search-only centroid_share may change on resume: training never reads it
+    searched = trainer(tmp_path / "a")
+    searched.cfg.centroid_share = 0.25
+    assert [h["val"] for h in searched.fit(resume=True)] == [h["val"] for h in h_straight]
+    assert searched.trained_index().centroid_share == 0.25
 
 
 class ToyTextTower(torch.nn.Module):
