@@ -430,7 +430,74 @@ def section_ste(ctx):
         ctx.case("ste fwd+bwd", f"nq={nq} n={n} D={D} M={M} K={K}", run)
 
 
-SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste]
+def section_ste_pairs(ctx):
+    """The fused op in the shape JPQ training uses (jpq.train.JPQTrainer._scores): B queries, each
+    with its own P candidates (doc_index), codes and exact vectors x of the unique candidates,
+    the reconstruction error returned too; loss = sum(g * s) + sum(recon), forward + backward.
+    Plain torch: x_hat = C[m, codes] gathered, s = einsum(q, x_hat[doc_index]) with the op's
+    straight-through gradient to x (x_hat + x - x.detach()), recon = ||x - x_hat||^2."""
+    import importlib.util
+
+    if importlib.util.find_spec("jpq.kernels.ste_triton") is None:
+        print("[ste pairs] jpq.kernels.ste_triton not found: section skipped")
+        return
+    import torch
+    from jpq.kernels.ste import quantize_and_score
+
+    def fused(q, C, codes, x, idx):
+        s, r = quantize_and_score(q, C, codes=codes, x=x, doc_index=idx, return_recon_error=True,
+                                  backend="triton")
+        return s, r
+
+    def plain(q, C, codes, x, idx):
+        M, _, ds = C.shape
+        x_hat = C[torch.arange(M, device=C.device), codes.long()].reshape(codes.shape[0], M * ds)
+        x_st = x_hat + (x - x.detach())  # value x_hat; dscores/dx straight through, as the op
+        s = torch.einsum("bd,bpd->bp", q, x_st[idx])
+        return s, ((x - x_hat) ** 2).sum(1)
+
+    # (B, P, N unique candidates, D, M): SciFact-like JPQ steps at 32x and 96x, and a larger batch
+    sizes = [(3, 7, 12, 24, 3)] if ctx.size == "dry" else [(32, 101, 3000, 384, 48), (32, 101, 3000, 384, 16),
+                                                             (256, 201, 50_000, 768, 96)]
+    for B, P, N, D, M in sizes:
+
+        def run(row, B=B, P=P, N=N, D=D, M=M):
+            ds, K = D // M, 256
+            g = _generator(ctx, 3)
+            q0 = torch.randn((B, D), generator=g, device=ctx.device)
+            C0 = torch.randn((M, K, ds), generator=g, device=ctx.device)
+            codes = torch.randint(0, K, (N, M), generator=g, device=ctx.device, dtype=torch.uint8)
+            x0 = torch.randn((N, D), generator=g, device=ctx.device)
+            idx = torch.randint(0, N, (B, P), generator=g, device=ctx.device)
+            gs = torch.randn((B, P), generator=g, device=ctx.device)
+            gr = torch.randn((N,), generator=g, device=ctx.device)
+
+            def fwd_bwd(fn, dtype):
+                q, C, x = (t.to(dtype).clone().requires_grad_() for t in (q0, C0, x0))
+                s, r = fn(q, C, codes, x, idx)
+                ((s * gs.to(dtype)).sum() + (r * gr.to(dtype)).sum()).backward()
+                return s.detach(), r.detach(), q.grad, C.grad, x.grad
+
+            got = fwd_bwd(fused, torch.float32)
+            ref = fwd_bwd(plain, torch.float64)
+            errs = [float((a.double() - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, ref)]
+            ok = max(errs) <= 1e-5
+            row.check = f"{'ok' if ok else 'FAIL'} (rel err s/r/dq/dC/dx max {max(errs):.0e})"
+            row.failed = not ok
+            q, C, x = (t.clone().requires_grad_() for t in (q0, C0, x0))
+
+            def step(fn):
+                def go():
+                    s, r = fn(q, C, codes, x, idx)
+                    ((s * gs).sum() + (r * gr).sum()).backward()
+                return go
+
+            ctx.measure(row, step(fused), step(plain), grad_to_none=[q, C, x])
+
+        ctx.case("ste pairs fwd+bwd", f"B={B} P={P} N={N} D={D} M={M}", run)
+
+
+SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs]
 
 
 # --------------------------------------------------------------------------- launch-config sweep

@@ -1,0 +1,24 @@
+"""bench/gpu.py runs on a GPU only now and then: its dry run (tiny sizes, Triton under the CPU
+interpreter, every section and a short ADC sweep) keeps the script itself working in CI."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+@pytest.mark.interpreter
+def test_gpu_script_dry_run_passes_every_check():
+    pytest.importorskip("triton")
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--cpu-dry-run", "--no-save", "--sweep",
+         "--sweep-budget", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for section in ("adc_scores", "adc_topk", "assign", "ste fwd+bwd", "ste pairs fwd+bwd"):
+        assert f"| {section} |" in out, section
+    assert "FAIL" not in out and "ERROR" not in out, out[-3000:]
+    assert "ADC launch-configuration sweep" in out
