@@ -497,7 +497,48 @@ def section_ste_pairs(ctx):
         ctx.case("ste pairs fwd+bwd", f"B={B} P={P} N={N} D={D} M={M}", run)
 
 
-SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs]
+def section_index_search(ctx, k: int = 10):
+    """jpq.PQIndex.search end to end for torch queries on the device (rotation, LUT, Triton top-k,
+    cached device copies of the codes), checked against the index's own CPU path on 4 queries;
+    baseline: the same LUT with the plain-torch gather top-k."""
+    import numpy as np
+    import torch
+    from jpq import PQIndex
+    from jpq.kernels import build_lut
+
+    sizes = [(3, 500, 24, 3)] if ctx.size == "dry" else [(1, 1_000_000, 768, 96), (64, 1_000_000, 768, 96)]
+    for nq, N, d, M in sizes:
+
+        def run(row, nq=nq, N=N, d=d, M=M):
+            rng = np.random.default_rng(4)
+            index = PQIndex(d, M, nbits=8, metric="ip", opq=True)
+            index.centroids = rng.standard_normal((M, 256, d // M)).astype(np.float32)
+            index.rotation = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
+            index.codes = rng.integers(0, 256, (N, M), dtype=np.uint8)
+            q = torch.from_numpy(rng.standard_normal((nq, d)).astype(np.float32)).to(ctx.device)
+            backend = "auto" if ctx.device.type == "cuda" else "triton"  # auto picks Triton for CUDA
+            D, I = index.search(q, k, backend=backend)
+            D_cpu, I_cpu = index.search(q[:4].cpu().numpy(), k, backend="cpu")
+            tol = 1e-3 * max(1.0, float(np.abs(D_cpu).max()))
+            d_err = float(np.abs(D[:4].cpu().numpy() - D_cpu).max())
+            same = float((I[:4].cpu().numpy() == I_cpu).mean())
+            ok = d_err <= tol and same >= 0.9  # ids may differ at near-ties only
+            row.check = f"{'ok' if ok else 'FAIL'} (ids equal {same:.2f}, max |dD| {d_err:.1e})"
+            row.failed = not ok
+            codes, C, R = index._device_arrays(q.device)
+
+            def plain():
+                lut = build_lut((q @ R.T).contiguous(), C, "ip")
+                return torch_adc_topk(lut, codes, k)
+
+            ctx.measure(row, lambda: index.search(q, k, backend=backend), plain)
+            row.nbytes = N * M + nq * k * 12
+
+        ctx.case("PQIndex.search", f"nq={nq} N={N} d={d} M={M} k={k}", run)
+
+
+SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs,
+            section_index_search]
 
 
 # --------------------------------------------------------------------------- launch-config sweep

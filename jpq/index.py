@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .kernels import adc_topk, assign, build_lut
+from .kernels.dispatch import triton_importable
 from .storage import read_container, write_container
 from .kernels.arrays import (
     array_kind,
@@ -271,13 +272,49 @@ class PQIndex(VectorIndexInput):
 
         Returns D (nq, k) float32 (inner products, or squared L2 distances) and I (nq, k) int64,
         best first, -1 ids (and -FLT_MAX / +FLT_MAX scores) past ntotal; torch in, torch out.
+
+        Where it runs: torch queries on a CUDA device (backend "auto" with Triton installed, or
+        "triton") are searched on that device: the rotation, the LUT GEMM and the Triton ADC
+        top-k all run there, against a copy of the codes and centroids kept on the device (made
+        on the first such call, and again after the codes or centroids change). Everything else
+        runs on the CPU (backend "auto" / "cpu": the fast path; "reference": NumPy).
         """
         kind = array_kind(q=q)
         k = check_k(k)
+        on_cuda = kind.is_torch and kind.device.type == "cuda"
+        if kind.is_torch and (backend == "triton" or (backend == "auto" and on_cuda and triton_importable())):
+            return self._search_on_device(q, k, backend="triton")
         # the LUT is a small GEMM on the CPU; `backend` picks the scan path over the codes
         lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
         D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False)
         return kind.wrap(D), kind.wrap(I)
+
+    def _device_arrays(self, device: torch.device):
+        """(codes, centroids, rotation or None) as torch tensors on `device`, cached; the cache
+        is rebuilt when any of the arrays is replaced (add, reset, load, training)."""
+        key = (self.codes, self.centroids, self.rotation)
+        cache = getattr(self, "_device_cache", None)
+        if cache is None or cache[0] != device or any(a is not b for a, b in zip(cache[1], key)):
+            arrays = (
+                torch.from_numpy(self.codes).to(device),
+                torch.from_numpy(self.centroids).to(device),
+                None if self.rotation is None else torch.from_numpy(self.rotation).to(device),
+            )
+            self._device_cache = (device, key, arrays)
+        return self._device_cache[2]
+
+    def _search_on_device(self, q: torch.Tensor, k: int, backend: str):
+        """`search` for torch queries, entirely on q's device (see `search`)."""
+        self._require_trained()
+        check_float_matrix("q", q)
+        if q.shape[1] != self.d:
+            raise ValueError(f"q must have shape (n, {self.d}), got {tuple(q.shape)}")
+        codes, centroids, rotation = self._device_arrays(q.device)
+        qd = q.detach().to(torch.float32)
+        if rotation is not None:
+            qd = qd @ rotation.T
+        lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto")  # torch.bmm on the device
+        return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False)
 
     # ------------------------------------------------------------------ persistence
     def _arrays(self) -> dict:

@@ -73,6 +73,45 @@ def test_torch_in_torch_out(data):
     np.testing.assert_array_equal(I.numpy(), I2)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("opq", [False, True])
+def test_torch_queries_searched_on_their_device_with_triton(data, metric, opq):
+    """backend="triton" (and "auto" for CUDA queries) searches on the queries' device: rotation,
+    LUT and Triton top-k there, against cached device copies of codes and centroids. Under the
+    CPU interpreter the device is the CPU: same results as the CPU fast path, torch out, and the
+    cache follows add / reset."""
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    x, q = data
+    index = jpq.PQIndex(32, 8, nbits=6, metric=metric, opq=opq)
+    index.train(x, niter=5, opq_iterations=3)
+    index.add(x[:400])
+    qt = torch.from_numpy(q[:6])
+
+    def check(k):
+        D, I = index.search(qt, k, backend="triton")
+        assert isinstance(D, torch.Tensor) and D.device == qt.device and I.dtype == torch.int64
+        lut = build_lut_reference(index.rotate(q[:6]), index.centroids, metric)
+        scores = adc_scores_reference(lut, index.codes)
+        D_ref, I_ref = topk_from_scores(scores, k, metric)
+        assert_topk_matches(D, I, D_ref, I_ref, scores, atol=1e-4, metric=metric)
+
+    check(10)
+    index.add(x[400:700])  # new codes: the device copy is rebuilt
+    check(10)
+    assert index._device_cache[2][0].shape[0] == 700
+    check(800)  # k > ntotal: -1 padding
+    index.reset()
+    D, I = index.search(qt, 3, backend="triton")
+    assert (I == -1).all()
+    with pytest.raises(ValueError, match="shape"):
+        index.search(qt[:, :5], 3, backend="triton")
+
+
 @pytest.mark.parametrize("opq", [False, True])
 def test_reconstruct_matches_decode(data, opq):
     x, _ = data
