@@ -276,8 +276,10 @@ class PQIndex(VectorIndexInput):
         Where it runs: torch queries on a CUDA device (backend "auto" with Triton installed, or
         "triton") are searched on that device: the rotation, the LUT GEMM and the Triton ADC
         top-k all run there, against a copy of the codes and centroids kept on the device (made
-        on the first such call, and again after the codes or centroids change). Everything else
-        runs on the CPU (backend "auto" / "cpu": the fast path; "reference": NumPy).
+        on the first such call, and again whenever `codes`, `centroids` or `rotation` is replaced,
+        as add / reset / train / load do; after editing one of them in place, call
+        `drop_device_copies()`). Everything else runs on the CPU (backend "auto" / "cpu": the fast
+        path; "reference": NumPy).
         """
         kind = array_kind(q=q)
         k = check_k(k)
@@ -288,6 +290,11 @@ class PQIndex(VectorIndexInput):
         lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
         D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False)
         return kind.wrap(D), kind.wrap(I)
+
+    def drop_device_copies(self) -> None:
+        """Forget the device copies `search` keeps (frees their memory; the next device search
+        copies the current arrays again)."""
+        self._device_cache = None
 
     def _device_arrays(self, device: torch.device):
         """(codes, centroids, rotation or None) as torch tensors on `device`, cached; the cache

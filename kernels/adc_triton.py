@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrays import cuda_device_of
+
 BLOCK_N = 128  # documents (candidates) per program; 256 gave wrong results on an H100, see above
 MAX_BLOCK_M = 32  # subspaces per step: one 32-byte sector of codes per document row
 NUM_WARPS = 4
@@ -94,13 +96,14 @@ def launch_gather(lut, codes, doc_index, out, config: dict | None = None) -> Non
     cfg = _config(M, config)
     pairs = doc_index is not None
     idx = doc_index if pairs else codes  # never read without PAIRS
-    for b0 in range(0, B, MAX_GRID_Y):  # one iteration unless B > 65535 queries
-        b1 = min(B, b0 + MAX_GRID_Y)
-        grid = (triton.cdiv(P, cfg["BLOCK_N"]), b1 - b0)
-        _adc_gather_kernel[grid](
-            lut[b0:b1], codes, idx[b0:b1] if pairs else idx, out[b0:b1], b1 - b0, P, M, K,
-            PAIRS=pairs, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"],
-        )
+    with cuda_device_of(lut):
+        for b0 in range(0, B, MAX_GRID_Y):  # one iteration unless B > 65535 queries
+            b1 = min(B, b0 + MAX_GRID_Y)
+            grid = (triton.cdiv(P, cfg["BLOCK_N"]), b1 - b0)
+            _adc_gather_kernel[grid](
+                lut[b0:b1], codes, idx[b0:b1] if pairs else idx, out[b0:b1], b1 - b0, P, M, K,
+                PAIRS=pairs, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"],
+            )
 
 
 def adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor, config: dict | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ torch tensors, never mixed. Kernels work internally on whichever representation 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,15 @@ import torch
 
 FLOAT_MAX = float(np.finfo(np.float32).max)
 METRICS = ("ip", "l2")
+
+
+def cuda_device_of(t):
+    """Context that makes tensor t's CUDA device the current one (Triton launches a kernel on the
+    current device, not on its arguments' device: on a multi-GPU machine a tensor on cuda:1 would
+    otherwise be read from cuda:0). A no-op for CPU tensors."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def is_interpreter() -> bool:

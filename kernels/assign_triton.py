@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrays import cuda_device_of
+
 # Block sizes: untuned guesses (written on a machine without a GPU); bench/gpu.py times them.
 BLOCK_N = 64  # rows per program: (64, BLOCK_D) x tile, (64, BLOCK_K) distance tile
 MAX_BLOCK_D = 64  # widest x/centroid column chunk kept in registers
@@ -144,12 +146,13 @@ def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return out
     block_k, block_d, use_dot = _block_sizes(K, ds)
-    for m0 in range(0, M, MAX_GRID_Y):  # one iteration unless M > 65535
-        m1 = min(M, m0 + MAX_GRID_Y)
-        grid = (triton.cdiv(n, BLOCK_N), m1 - m0)
-        _assign_kernel[grid](
-            x[:, m0 * ds :], centroids[m0:m1], out[:, m0:],
-            n, M, K, ds,
-            BLOCK_N=BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=use_dot,
-        )
+    with cuda_device_of(x):
+        for m0 in range(0, M, MAX_GRID_Y):  # one iteration unless M > 65535
+            m1 = min(M, m0 + MAX_GRID_Y)
+            grid = (triton.cdiv(n, BLOCK_N), m1 - m0)
+            _assign_kernel[grid](
+                x[:, m0 * ds :], centroids[m0:m1], out[:, m0:],
+                n, M, K, ds,
+                BLOCK_N=BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=use_dot,
+            )
     return out

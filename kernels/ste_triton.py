@@ -25,12 +25,15 @@ Design notes:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .adc import _build_lut_torch
 from .adc_triton import launch_gather
+from .arrays import cuda_device_of
 
 # Block sizes of the scatter kernel (G): one query per program, the tiling of the forward's
 # gather kernel (adc_triton._adc_gather_kernel), which an H100 run verified.
@@ -163,6 +166,17 @@ def _dx_epilogue_kernel(x_ptr, c_ptr, codes_ptr, a_ptr, r_ptr, dx_ptr, N, M, K, 
 
 
 # --------------------------------------------------------------------------- launchers
+def _on_first_tensors_device(fn):
+    """Run the launcher with its first tensor argument's CUDA device current (`cuda_device_of`)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        with cuda_device_of(first):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_on_first_tensors_device
 def _launch_bp(kernel, src, codes, doc_index, dst, B, P, M, K):
     """Launch a (candidates, queries)-gridded kernel for B queries x P documents (or pairs)."""
     if B == 0 or P == 0:
@@ -203,6 +217,7 @@ def _block_d(ds: int) -> int:
     return min(MAX_BLOCK_D, triton.next_power_of_2(ds))
 
 
+@_on_first_tensors_device
 def recon_error(x, C, codes):
     """||x[n] - x_hat[n]||^2: x (N, D) float32 -> (N,) float32."""
     M, K, ds = C.shape
@@ -215,6 +230,7 @@ def recon_error(x, C, codes):
     return out
 
 
+@_on_first_tensors_device
 def recon_dc_(dC, x, C, codes, gr):
     """dC += the reconstruction term's gradient (in place)."""
     M, K, ds = C.shape
@@ -227,6 +243,7 @@ def recon_dc_(dC, x, C, codes, gr):
         )
 
 
+@_on_first_tensors_device
 def dx_epilogue_(dx, x, C, codes, a, r):
     """dx += a x_hat + r (x - x_hat) (in place); a, r: (N,) or None."""
     M, K, ds = C.shape
