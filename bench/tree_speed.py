@@ -5,7 +5,9 @@
 A k-means tree (8 x 8 = 64 leaves, PQ M = 96 x 8 bits, the trained index's centroid_share 0.5;
 search speed does not depend on what training learned) against faiss IndexIVFPQ and IndexIVFFlat
 with 64 lists, at beam = nprobe = 3 / 6 / 12 (about 5 / 10 / 20% of documents scored). Medians of
-interleaved repeats in one process; writes bench/results/tree_speed.md.
+interleaved repeats in one process (and the tree's repeats back to back: interleaved with faiss,
+faiss' OpenMP pool and numba's / torch's pools contend on a 2-core machine and the tree's time
+varies 1.5x between runs); writes bench/results/tree_speed.md.
 """
 from __future__ import annotations
 
@@ -68,6 +70,12 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+        alone = []  # the tree again, back to back: no other library's thread pool in between
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            runs["jpq TreeIndex"]()
+            alone.append(time.perf_counter() - t0)
+        times["jpq TreeIndex, back to back"] = alone
         frac = tree.fraction_scored(qt, knob)
         base = statistics.median(times["faiss IndexIVFPQ"])
         for name, ts in times.items():
@@ -76,7 +84,9 @@ def main(argv=None):
             print(rows[-1], flush=True)
     text = (f"# Tree search speed vs faiss IVF ({ds.name}: {len(d)} documents, {len(qt)} queries, k = 100)\n\n"
             f"{cpu_model()}, {threads} threads, jpq {jpq.__version__}, faiss {faiss.__version__}; "
-            f"medians of {args.repeats} interleaved repeats. Command: `python bench/tree_speed.py`.\n\n"
+            f"medians of {args.repeats} interleaved repeats (the tree's 'back to back' row: {args.repeats} "
+            "repeats of it alone; interleaved with faiss the thread pools of faiss and numba / torch "
+            "contend). Command: `python bench/tree_speed.py`.\n\n"
             "| beam = nprobe | tree fraction scored | index | ms (all queries) | vs IVFPQ |\n"
             "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     Path(args.out).write_text(text)

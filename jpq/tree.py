@@ -594,7 +594,8 @@ class TreeIndex(VectorIndexInput):
         offsets, ids, _ = self._inverted_lists()
         lut = self.pq.lut(qt, backend="reference" if backend == "reference" else "cpu")
         probes = np.where(np.isfinite(score), leaves, -1)
-        D, I = ivf_topk(lut, self.pq.codes, offsets, ids, probes, k, metric=self.metric, backend=backend)
+        D, I = ivf_topk(lut, self.pq.codes, offsets, ids, probes, k, metric=self.metric, backend=backend,
+                        check=False)  # the LUT comes from validated queries, the codes from add
         return kind.wrap(D), kind.wrap(I)
 
     def beam_for_fraction(self, q, target: float, max_beam: int | None = None) -> tuple[int, float]:

@@ -94,11 +94,16 @@ def _check_lists(list_offsets, list_ids, probes, N):
     return offsets.astype(np.int64), ids.astype(np.int64), probes.astype(np.int64)
 
 
-def ivf_topk(lut, codes, list_offsets, list_ids, probes, k: int, metric: str = "ip", backend: str = "auto"):
+def ivf_topk(lut, codes, list_offsets, list_ids, probes, k: int, metric: str = "ip", backend: str = "auto",
+             check: bool = True):
     """k best documents of each query's probed lists by ADC (see the module docstring).
 
-    NumPy in, NumPy out (torch tensors are read through NumPy on the CPU)."""
-    check_float_matrix("lut", lut, ndim=3)
+    NumPy in, NumPy out (torch tensors are read through NumPy on the CPU). check=False skips the
+    full passes over lut (finite values) and codes (values < K), for callers that built them."""
+    if check:
+        check_float_matrix("lut", lut, ndim=3)
+    elif lut.ndim != 3:
+        raise ValueError(f"lut must have 3 dimensions, got shape {tuple(lut.shape)}")
     k = check_k(k)
     check_metric(metric)
     if backend not in ("auto", "cpu", "reference", "triton"):
@@ -107,7 +112,11 @@ def ivf_topk(lut, codes, list_offsets, list_ids, probes, k: int, metric: str = "
         raise RuntimeError("ivf_topk has no Triton path yet: use backend='cpu' (or 'auto')")
     lut = to_numpy_f32(lut)
     nq, M, K = lut.shape
-    codes = to_numpy_codes(check_codes(codes, M, K))
+    if check:
+        check_codes(codes, M, K)
+    elif codes.ndim != 2 or codes.shape[1] != M:  # shapes always: the kernel does not bound-check
+        raise ValueError(f"codes must have shape (N, {M}), got {tuple(codes.shape)}")
+    codes = to_numpy_codes(codes)
     offsets, ids, probes = _check_lists(list_offsets, list_ids, probes, codes.shape[0])
     if probes.shape[0] != nq:
         raise ValueError(f"probes has {probes.shape[0]} rows but lut has {nq} queries")

@@ -71,3 +71,8 @@ def test_bad_inputs_raise():
         ivf_topk(lut, codes, offsets, ids, ok, 3, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         ivf_topk(lut, codes, offsets, ids, ok, 3, backend="gpu")
+    with pytest.raises(ValueError, match="codes must have shape"):  # check=False still checks shapes
+        ivf_topk(lut, codes[:, :3], offsets, ids, ok, 3, check=False)
+    D, I = ivf_topk(lut, codes, offsets, ids, ok, 3, check=False)
+    D_ref, I_ref = ivf_topk(lut, codes, offsets, ids, ok, 3, backend="reference")
+    np.testing.assert_array_equal(I, I_ref)
