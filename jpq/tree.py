@@ -336,7 +336,6 @@ class TreeIndex(VectorIndexInput):
             raise ValueError(f"branching needs at least one level, each with >= 2 children, got {branching!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
-        _check_share(centroid_share)
         M = default_pq_m(int(d)) if M is None else M
         self.pq = PQIndex(d, M, nbits=nbits, metric=metric, opq=opq)  # validates d, M, nbits, metric
         self.d = int(d)

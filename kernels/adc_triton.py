@@ -43,6 +43,21 @@ MAX_GRID_Y = 65535  # CUDA limit on grid axis 1; queries beyond it are launched 
 
 
 @triton.jit
+def pair_rows(idx_ptr, P, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's query row b (int64: B * P and N * M can pass 2**31), its BLOCK_N candidate
+    columns, their in-bounds mask and each candidate's document row (idx[b, p] when PAIRS, else
+    p). Grid: (candidate blocks, queries); shared by every kernel `launch_pairs` launches."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    if PAIRS:
+        docs = tl.load(idx_ptr + b * P + offs_p, mask=mask_p, other=0)
+    else:
+        docs = offs_p.to(tl.int64)
+    return b, offs_p, mask_p, docs
+
+
+@triton.jit
 def _adc_gather_kernel(
     lut_ptr, codes_ptr, idx_ptr, out_ptr, B, P, M, K,
     PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -59,13 +74,7 @@ def _adc_gather_kernel(
         PAIRS: candidates given per query by idx (else every document, p = n).
         BLOCK_N, BLOCK_M: candidates per program and subspaces per step.
     """
-    b = tl.program_id(1).to(tl.int64)  # int64 offsets: B * P and N * M can pass 2**31
-    offs_p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_p = offs_p < P
-    if PAIRS:
-        docs = tl.load(idx_ptr + b * P + offs_p, mask=mask_p, other=0)
-    else:
-        docs = offs_p.to(tl.int64)
+    b, offs_p, mask_p, docs = pair_rows(idx_ptr, P, PAIRS, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     lut_b = lut_ptr + b * M * K
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -85,25 +94,30 @@ def _config(M: int, config: dict | None) -> dict:
     return cfg
 
 
-def launch_gather(lut, codes, doc_index, out, config: dict | None = None) -> None:
-    """Fill out (B, P) with ADC scores: every document (doc_index None, P = N) or the given
-    candidates doc_index (B, P) int64. Inputs contiguous, on one CUDA device (or the
-    interpreter); sizes and dtypes are the callers' to check."""
-    B, M, K = lut.shape
-    P = out.shape[1]
+def launch_pairs(kernel, src, codes, doc_index, dst, B, P, M, K, config: dict | None = None) -> None:
+    """Launch a `pair_rows` kernel, signature (src, codes, idx, dst, B, P, M, K, PAIRS, BLOCK_N,
+    BLOCK_M), for B queries x P candidates: every document (doc_index None, P = N) or the given
+    doc_index (B, P) int64; src and dst have one row per query. Inputs contiguous, on one CUDA
+    device (or the interpreter); sizes and dtypes are the callers' to check."""
     if B == 0 or P == 0:
         return
     cfg = _config(M, config)
     pairs = doc_index is not None
     idx = doc_index if pairs else codes  # never read without PAIRS
-    with cuda_device_of(lut):
+    with cuda_device_of(src):
         for b0 in range(0, B, MAX_GRID_Y):  # one iteration unless B > 65535 queries
             b1 = min(B, b0 + MAX_GRID_Y)
             grid = (triton.cdiv(P, cfg["BLOCK_N"]), b1 - b0)
-            _adc_gather_kernel[grid](
-                lut[b0:b1], codes, idx[b0:b1] if pairs else idx, out[b0:b1], b1 - b0, P, M, K,
+            kernel[grid](
+                src[b0:b1], codes, idx[b0:b1] if pairs else idx, dst[b0:b1], b1 - b0, P, M, K,
                 PAIRS=pairs, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"],
             )
+
+
+def launch_gather(lut, codes, doc_index, out, config: dict | None = None) -> None:
+    """Fill out (B, P) with ADC scores of lut (B, M, K) (see `launch_pairs`)."""
+    B, M, K = lut.shape
+    launch_pairs(_adc_gather_kernel, lut, codes, doc_index, out, B, out.shape[1], M, K, config)
 
 
 def adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor, config: dict | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .adc import _heap_replace_root, _worse, adc_scores_reference, topk_from_scores
+from .adc import _heap_replace_root, _merge_heaps, _worse, adc_scores_reference
 from .arrays import FLOAT_MAX, check_codes, check_float_matrix, check_k, check_metric
 from .arrays import to_numpy_codes, to_numpy_f32
 
@@ -127,14 +127,11 @@ def ivf_topk(lut, codes, list_offsets, list_ids, probes, k: int, metric: str = "
     heap_i = np.full((nq, k), -1, np.int64)
     if nq and len(ids):
         _ivf_topk_cpu(np.ascontiguousarray(tile), codes, offsets, ids, probes, heap_v, heap_i)
-    i_key = np.where(heap_i < 0, np.iinfo(np.int64).max, heap_i)
-    order = np.lexsort((i_key, -heap_v), axis=-1)
-    D = np.take_along_axis(heap_v, order, 1)
-    I = np.take_along_axis(heap_i, order, 1)
+    D, I = _merge_heaps(heap_v[None], heap_i[None], k)  # best first, ties by smaller id
     if metric != "ip":
         D = -D
     D[I < 0] = -FLOAT_MAX if metric == "ip" else FLOAT_MAX
     return D, I
 
 
-__all__ = ["ivf_topk", "ivf_topk_reference", "topk_from_scores"]
+__all__ = ["ivf_topk", "ivf_topk_reference"]

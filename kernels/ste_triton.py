@@ -32,13 +32,11 @@ import triton
 import triton.language as tl
 
 from .adc import _build_lut_torch
-from .adc_triton import launch_gather
+from .adc_triton import launch_gather, launch_pairs, pair_rows
 from .arrays import cuda_device_of
 
-# Block sizes of the scatter kernel (G): one query per program, the tiling of the forward's
-# gather kernel (adc_triton._adc_gather_kernel), which an H100 run verified.
-BLOCK_P = 128  # candidates per program; (BLOCK_P, BLOCK_M) = 4096 values at BLOCK_M = 32
-MAX_BLOCK_M = 32
+# The scatter kernel (G) is launched by adc_triton.launch_pairs, with the tiling of the forward's
+# gather kernel (one query x 128 candidates per program), which an H100 run verified.
 BLOCK_N = 64  # documents per program of the reconstruction kernels
 MAX_BLOCK_D = 64  # sub-vector columns per step of the reconstruction kernels
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1
@@ -48,7 +46,7 @@ TILE = 256  # queries per G table in ste._fast_backward: (256, M, K) floats = 25
 @triton.jit
 def _grad_table_kernel(
     g_ptr, codes_ptr, idx_ptr, G_ptr, B, P, M, K,
-    PAIRS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """G[b, m, codes[doc(b, p), m]] += g[b, p] (the transposed gather of the forward).
 
@@ -57,16 +55,10 @@ def _grad_table_kernel(
         codes_ptr: shape=(N, M), uint8; idx_ptr: shape=(B, P), int64 (PAIRS only).
         G_ptr: the table, shape=(B, M, K), float32, zero-initialised (atomically added to).
     """
-    b = tl.program_id(1).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if PAIRS:
-        docs = tl.load(idx_ptr + b * P + offs_p, mask=mask_p, other=0)
-    else:
-        docs = offs_p.to(tl.int64)
+    b, offs_p, mask_p, docs = pair_rows(idx_ptr, P, PAIRS, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     g = tl.load(g_ptr + b * P + offs_p, mask=mask_p, other=0.0)
-    vals = tl.broadcast_to(g[:, None], (BLOCK_P, BLOCK_M))
+    vals = tl.broadcast_to(g[:, None], (BLOCK_N, BLOCK_M))
     G_b = G_ptr + b * M * K
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs_m
@@ -176,23 +168,6 @@ def _on_first_tensors_device(fn):
     return wrapped
 
 
-@_on_first_tensors_device
-def _launch_bp(kernel, src, codes, doc_index, dst, B, P, M, K):
-    """Launch a (candidates, queries)-gridded kernel for B queries x P documents (or pairs)."""
-    if B == 0 or P == 0:
-        return
-    block_m = min(MAX_BLOCK_M, triton.next_power_of_2(M))
-    pairs = doc_index is not None
-    idx = doc_index if pairs else codes  # never read without PAIRS
-    for b0 in range(0, B, MAX_GRID_Y):  # one iteration unless B > 65535 queries
-        b1 = min(B, b0 + MAX_GRID_Y)
-        grid = (triton.cdiv(P, BLOCK_P), b1 - b0)
-        kernel[grid](
-            src[b0:b1], codes, idx[b0:b1] if pairs else idx, dst[b0:b1], b1 - b0, P, M, K,
-            PAIRS=pairs, BLOCK_P=BLOCK_P, BLOCK_M=block_m,
-        )
-
-
 def scores(q, C, codes, doc_index, metric):
     """Forward scores. q: (B, D) float32; C: (M, K, ds) float32; codes: (N, M) uint8;
     doc_index: (B, P) int64 or None -> (B, P) or (B, N), float32."""
@@ -209,7 +184,7 @@ def grad_table(g, codes, doc_index, M, K):
     g: (B, P) float32 -> (M, B, K) (a transposed view of a (B, M, K) table)."""
     g = g.contiguous().float()
     G = torch.zeros((g.shape[0], M, K), dtype=torch.float32, device=g.device)
-    _launch_bp(_grad_table_kernel, g, codes, doc_index, G, g.shape[0], g.shape[1], M, K)
+    launch_pairs(_grad_table_kernel, g, codes, doc_index, G, g.shape[0], g.shape[1], M, K)
     return G.transpose(0, 1)
 
 
