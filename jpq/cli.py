@@ -89,7 +89,8 @@ def cmd_index(args):
 
     ws = _workspace(args)
     M = args.M or m_for_ratio(ws.d, args.ratio, args.nbits)
-    index = build_index(ws.doc_emb, M, opq=args.opq, nbits=args.nbits, seed=args.seed)
+    index = build_index(ws.doc_emb, M, opq=args.opq, nbits=args.nbits, seed=args.seed,
+                        anisotropic_eta=args.anisotropic_eta)
     index.save(args.out)
     print(f"{index} -> {args.out}")
 
@@ -195,6 +196,9 @@ def build_parser():
     i.add_argument("--ratio", type=float, default=32)
     i.add_argument("--nbits", type=int, default=8)
     i.add_argument("--opq", action="store_true")
+    i.add_argument("--anisotropic-eta", type=float, default=1.0,
+                   help="refit codebooks and codes to the anisotropic (score-aware) loss with this weight "
+                        "on the error along each vector (default: %(default)s = plain k-means)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_index)
 

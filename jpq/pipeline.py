@@ -16,7 +16,7 @@ import torch
 
 from .data import BeirDataset, load_beir
 from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
-from .index import PQIndex
+from .index import PQIndex, anisotropic_codebooks
 from .metrics import evaluate
 from .train import JPQTrainer, TrainConfig, fit_and_refit
 
@@ -127,10 +127,15 @@ def m_for_ratio(d: int, ratio: float, nbits: int = 8) -> int:
     return min(divisors, key=lambda m: (abs(m - exact), -m))
 
 
-def build_index(doc_emb: np.ndarray, M: int, opq: bool, nbits: int = 8, seed: int = 0) -> PQIndex:
+def build_index(doc_emb: np.ndarray, M: int, opq: bool, nbits: int = 8, seed: int = 0,
+                anisotropic_eta: float = 1.0) -> PQIndex:
+    """A post-hoc inner-product (O)PQ index of doc_emb; with anisotropic_eta > 1 its codebooks and
+    codes are then refit to the anisotropic loss (`jpq.index.anisotropic_codebooks`)."""
     index = PQIndex(doc_emb.shape[1], M, nbits=nbits, metric="ip", opq=opq)
     index.train(doc_emb, seed=seed)
     index.add(doc_emb)
+    if anisotropic_eta != 1.0:
+        index = anisotropic_codebooks(index, doc_emb, eta=anisotropic_eta, seed=seed)
     return index
 
 

@@ -30,6 +30,18 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == records
+    # `jpq index` builds a post-hoc index from the same cache, also with anisotropic codebooks (4-bit
+    # codes: with 256 centroids for 300 documents there is hardly an error to shape)
+    from jpq import PQIndex
+
+    for eta in ("1", "4"):
+        path = tmp_path / f"index-{eta}.jpq"
+        proc = subprocess.run([sys.executable, "-m", "jpq", "index", "--data", str(data), "--out", str(path),
+                               "--ratio", "32", "--nbits", "4", "--opq", "--anisotropic-eta", eta, "--quiet",
+                               "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert PQIndex.load(path).ntotal == 300
+    assert (PQIndex.load(tmp_path / "index-1.jpq").codes != PQIndex.load(tmp_path / "index-4.jpq").codes).any()
 
 
 def test_synthetic_beir_folder_loads_with_both_splits(tmp_path):

@@ -307,3 +307,53 @@ def test_query_aware_init_refits_the_codes_from_training_queries_and_resume_rest
     np.testing.assert_array_equal(resumed.trained_index().codes, first.index.codes)
     with pytest.raises(ValueError, match="query_aware_shrinkage"):
         TrainConfig(query_aware_shrinkage=0.0)
+
+
+def test_anisotropic_init_refits_the_codes_by_default_and_resume_restores_them(tmp_path):
+    from jpq.index import anisotropic_codebooks
+
+    X, Q, ids, qrels = synthetic_task(0)
+    index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip").train(X, niter=10, seed=0)
+    index.add(X)
+    before = index.codes.copy()
+
+    def trainer(out_dir=None, **kw):
+        cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, **kw)
+        return JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
+                          out_dir=out_dir, progress=False)
+    assert TrainConfig().anisotropic_eta == 1.0  # opt-in (see TrainConfig)
+    assert trainer(anisotropic_eta=1.0).index is index  # 1 = off: the given index as it is
+    aniso = trainer(anisotropic_eta=4.0)
+    np.testing.assert_array_equal(index.codes, before)  # the given index is left alone
+    ref = anisotropic_codebooks(index, X, eta=4.0, seed=0)
+    np.testing.assert_array_equal(aniso.index.codes, ref.codes)
+    np.testing.assert_array_equal(aniso.centroids.detach().numpy(), ref.centroids)
+    assert (aniso.index.codes != before).any()
+    # an l2 index is left as it is (the loss is about inner products)
+    l2 = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="l2").train(X, niter=10, seed=0)
+    l2.add(X)
+    t = JPQTrainer(TrainConfig(mode="centroids", epochs=1, anisotropic_eta=4.0), X, l2, ids, qrels,
+                   query_embeddings={q: Q[i] for i, q in enumerate(ids)}, progress=False)
+    assert t.index is l2
+    # a stopped and resumed run ends where an uninterrupted one does, codes included
+    full = trainer(tmp_path / "full", anisotropic_eta=4.0)
+    full.fit()
+    part = trainer(tmp_path / "part", anisotropic_eta=4.0)
+    part.fit(stop_after_epoch=1)
+    again = trainer(tmp_path / "part", anisotropic_eta=4.0)
+    again.fit(resume=True)
+    np.testing.assert_array_equal(again.index.codes, full.index.codes)
+    torch.testing.assert_close(again.centroids, full.centroids, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eta", [0.5, float("nan"), float("inf"), True, "4"])
+def test_anisotropic_eta_is_validated(eta):
+    with pytest.raises(ValueError, match="anisotropic_eta"):
+        TrainConfig(anisotropic_eta=eta)
+
+
+def test_two_initialisations_are_refused():
+    with pytest.raises(ValueError, match="pick one"):
+        TrainConfig(query_aware_init=True, anisotropic_eta=4.0)
+    TrainConfig(query_aware_init=True)  # either alone is fine
+    TrainConfig(anisotropic_eta=4.0)
