@@ -357,3 +357,22 @@ def test_two_initialisations_are_refused():
         TrainConfig(query_aware_init=True, anisotropic_eta=4.0)
     TrainConfig(query_aware_init=True)  # either alone is fine
     TrainConfig(anisotropic_eta=4.0)
+
+
+def test_the_guard_compares_with_the_index_as_given_when_an_initialisation_refits_it():
+    plain = make_trainer("centroids", epochs=2)
+    aniso = make_trainer("centroids", epochs=2, anisotropic_eta=4.0)
+    assert aniso.guarded and aniso.index is not aniso._given_index
+    rec0, rec_plain = aniso._initial_record(), plain._initial_record()
+    m = aniso.cfg.val_metric
+    # epoch 0 is scored (and selectable) on the refit index...
+    ref = aniso.evaluate_ids(aniso.val_ids, metrics=(m,), per_query=True)[m]
+    assert rec0["val"] == pytest.approx(float(np.mean([ref[q] for q in aniso.val_ids])))
+    assert rec0["val_unseen_refit_start"] == [ref[q] for q in aniso.val_unseen_ids]
+    # ...while the guard's reference is the index as given: the plain trainer's epoch 0
+    assert rec0["val_unseen"] == pytest.approx(rec_plain["val_unseen"])
+    given = aniso.evaluate_ids(aniso.val_unseen_ids, metrics=(m,), per_query=True, index=aniso._given_index)[m]
+    assert rec0["val_unseen"] == [given[q] for q in aniso.val_unseen_ids]
+    assert "val_unseen_refit_start" not in rec_plain
+    aniso.fit()
+    assert all("eligible" in r for r in aniso.state.history[1:])
