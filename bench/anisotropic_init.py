@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model  # noqa: E402
+from machine import RESULTS, cpu_model, command_line  # noqa: E402
 
 
 def error_parts(index, x):
@@ -100,7 +100,7 @@ def main(argv=None):
                 lines.append(f"| {ratio}x | {eta:g} | {h[0]['val']:.4f} | {tr.state.best_score:.4f} "
                              f"(epoch {tr.state.best_epoch}) | {h[-1]['epoch']} | {time.perf_counter() - t0:.0f} |")
                 print(lines[-1], flush=True)
-    cmd = " ".join(["python bench/anisotropic_init.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = command_line(__file__, argv)
     lines += ["", f"Command: `{cmd}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

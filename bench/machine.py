@@ -5,10 +5,17 @@ import csv
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How a bench script was invoked, for its report: `python bench/<script> <args>`
+    (argv: the arguments given to main, or None for the process's own)."""
+    return " ".join([f"python bench/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def cpu_model() -> str:

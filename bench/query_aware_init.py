@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model  # noqa: E402
+from machine import RESULTS, cpu_model, command_line  # noqa: E402
 
 
 def main(argv=None):
@@ -59,7 +59,7 @@ def main(argv=None):
         (a0, ab, ae), (b0, bb, be) = res
         lines.append(f"| {name} {ratio}x | {lr:g} | {a0:.4f} | {b0:.4f} | {ab:.4f} (epoch {ae}) | {bb:.4f} (epoch {be}) |")
         print(lines[-1], flush=True)
-    cmd = " ".join(["python bench/query_aware_init.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = command_line(__file__, argv)
     lines += ["", f"Command: `{cmd}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

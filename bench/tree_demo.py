@@ -21,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, default_threads  # noqa: E402
+from machine import RESULTS, cpu_model, command_line, default_threads  # noqa: E402
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
                                 stem=args.stem, checkpoint_dir=args.checkpoints or tmp)
     seconds = time.perf_counter() - t0
     md = Path(args.out) / f"{args.stem}.md"
-    cmd = " ".join(["python bench/tree_demo.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = command_line(__file__, argv)
     md.write_text(md.read_text() + f"\nCommand: `{cmd}` ({seconds:.0f} s in all on {cpu_model()}, "
                   f"{default_threads()} threads; jpq {jpq.__version__}, faiss {faiss.__version__}).\n")
     for r in records:

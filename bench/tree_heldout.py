@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, default_threads  # noqa: E402
+from machine import RESULTS, cpu_model, command_line, default_threads  # noqa: E402
 
 METHODS = ("tree", "tree-init", "ivf-flat", "ivf-pq")
 
@@ -118,7 +118,7 @@ def main(argv=None):
             cells.append(f"{np.mean(vals):.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     n_unseen = [run["settings"]["unseen_positive_queries"][0]["queries"] for run in runs.values()]
-    cmd = " ".join(["python bench/tree_heldout.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = command_line(__file__, argv)
     lines += ["", f"({min(n_unseen)}-{max(n_unseen)} such queries per seed.)", "",
               f"Command: `{cmd}` ({seconds:.0f} s on {cpu_model()}, {default_threads()} threads)."]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -486,6 +486,13 @@ def query_aware_codebooks(index: PQIndex, x, queries, shrinkage: float = 0.3, ni
 
 
 # --------------------------------------------------------------------------- anisotropic PQ
+def check_eta(eta, name: str = "eta") -> float:
+    """The anisotropic weight as a float: a finite number >= 1 (1 = plain squared error)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 1.0:
+        raise ValueError(f"{name} must be a finite number >= 1 (1 = the plain squared error), got {eta!r}")
+    return float(eta)
+
+
 def _inverse_norms(y: torch.Tensor) -> torch.Tensor:
     """1 / ||y_i|| per row, 0 for zero rows (their loss is the plain squared error)."""
     norm = y.norm(dim=1)
@@ -589,22 +596,22 @@ def anisotropic_codebooks(index: "PQIndex", x, eta: float = 4.0, iterations: int
     index._require_trained()
     if index.metric != "ip":
         raise ValueError(f"anisotropic codebooks need an inner-product index (metric 'ip'), got {index.metric!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 1.0:
-        raise ValueError(f"eta must be a finite number >= 1, got {eta!r}")
-    for name, v in (("iterations", iterations), ("sweeps", sweeps), ("chunk", chunk)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "iterations" else 1):
-            raise ValueError(f"{name} must be an int >= {0 if name == 'iterations' else 1}, got {v!r}")
+    eta = check_eta(eta)
+    for name, v, low in (("iterations", iterations, 0), ("sweeps", sweeps, 1), ("chunk", chunk, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     x = index._vectors("x", x)
     if len(x) < index.K:
         raise ValueError(f"x needs at least K={index.K} vectors, got {len(x)}")
-    d, M, K, ds = index.d, index.M, index.K, index.dsub
-    eta = float(eta)
+    d, M = index.d, index.M
     C = torch.from_numpy(index.centroids).double().clone()
     train_rows = np.arange(len(x))
     if max_train_points is not None and len(x) > max_train_points:
         train_rows = np.sort(np.random.default_rng(seed).choice(len(x), max_train_points, replace=False))
-    y = torch.from_numpy(index.rotate(x[train_rows])).double()
-    codes = torch.from_numpy(assign(index.rotate(x[train_rows]), index.centroids).astype(np.int64))
+    y_train = index.rotate(x[train_rows])
+    y = torch.from_numpy(y_train).double()
+    codes = torch.from_numpy(assign(y_train, index.centroids).astype(np.int64))
+    del y_train
     u_scale = _inverse_norms(y)
     u = y * u_scale[:, None]
     for _ in range(iterations):

@@ -277,17 +277,27 @@ def test_corpus_reconstruction_term_holds_unqueried_documents_in_place():
     assert held < some < free and held < 0.75 * free, (free, some, held)
 
 
-def test_query_aware_init_refits_the_codes_from_training_queries_and_resume_restores_them(tmp_path):
+def refit_task():
+    """The synthetic task with a 4-bit inner-product PQ index of its documents, for the
+    initialisations that refit the index; returns (X, Q, ids, qrels, index, make), where
+    make(out_dir=None, **config) is a 2-epoch centroids-only trainer on that index."""
     X, Q, ids, qrels = synthetic_task(0)
     index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip").train(X, niter=10, seed=0)
     index.add(X)
-    before = index.codes.copy()
 
-    def trainer(out_dir=None, **kw):
-        kw = {"query_aware_init": True, **kw}
+    def make(out_dir=None, **kw):
         cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, **kw)
         return JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
                           out_dir=out_dir, progress=False)
+    return X, Q, ids, qrels, index, make
+
+
+def test_query_aware_init_refits_the_codes_from_training_queries_and_resume_restores_them(tmp_path):
+    X, Q, ids, qrels, index, make = refit_task()
+    before = index.codes.copy()
+
+    def trainer(out_dir=None, **kw):
+        return make(out_dir, **{"query_aware_init": True, **kw})
     plain = trainer(query_aware_init=False)
     assert plain.index is index
     assert TrainConfig().query_aware_init is False  # opt-in (see TrainConfig)
@@ -309,18 +319,11 @@ def test_query_aware_init_refits_the_codes_from_training_queries_and_resume_rest
         TrainConfig(query_aware_shrinkage=0.0)
 
 
-def test_anisotropic_init_refits_the_codes_by_default_and_resume_restores_them(tmp_path):
+def test_anisotropic_init_refits_the_codes_when_on_and_resume_restores_them(tmp_path):
     from jpq.index import anisotropic_codebooks
 
-    X, Q, ids, qrels = synthetic_task(0)
-    index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip").train(X, niter=10, seed=0)
-    index.add(X)
+    X, Q, ids, qrels, index, trainer = refit_task()
     before = index.codes.copy()
-
-    def trainer(out_dir=None, **kw):
-        cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, **kw)
-        return JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
-                          out_dir=out_dir, progress=False)
     assert TrainConfig().anisotropic_eta == 1.0  # opt-in (see TrainConfig)
     assert trainer(anisotropic_eta=1.0).index is index  # 1 = off: the given index as it is
     aniso = trainer(anisotropic_eta=4.0)
