@@ -32,7 +32,7 @@ the learned partition, which covers the queries the learned routing generalises 
 
 Leaves store their documents as PQ codes (a `PQIndex` inside, raw vectors, not residuals): search
 scores the codes of each query's reached leaves with the inverted-list ADC kernel
-(`jpq.kernels.ivf.ivf_topk`) and keeps an exact top-k per query (ties by smaller id), so a beam
+(`jpq.kernels.ivf.ivf_search`, over a leaf-ordered copy of the codes) and keeps an exact top-k per query (ties by smaller id), so a beam
 covering every leaf returns exactly what `PQIndex.search` returns on the same codes.
 
 Training (`TreeTrainer`). The query tower is any torch module; the default is a residual linear
@@ -85,7 +85,7 @@ from tqdm.auto import tqdm
 
 from .index import PQIndex, VectorIndexInput, train_pq_centroids
 from .kernels import assign
-from .kernels.ivf import ivf_topk
+from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
 from .metrics import evaluate, mean_over_queries, per_query
 from .storage import atomic_write_json, read_container, write_container
@@ -352,6 +352,7 @@ class TreeIndex(VectorIndexInput):
         self.leaf_of = np.empty(0, np.int64)
         self._lists = None
         self._leaf_means = None  # (what it was computed from, (n_leaves, d) means)
+        self._list_codes_cache = None  # (what it was computed from, leaf-ordered codes)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -496,6 +497,18 @@ class TreeIndex(VectorIndexInput):
             self._lists = (offsets, ids, counts)
         return self._lists
 
+    def _list_codes(self) -> np.ndarray:
+        """The PQ codes in inverted-list order (row t is document `ids[t]` of `_inverted_lists`),
+        as faiss' inverted lists store them: a query's scan reads its leaves' codes contiguously.
+        Cached until the leaves or the codes change."""
+        lists = self._inverted_lists()
+        key = (lists, self.pq.codes)
+        cache = self._list_codes_cache
+        if cache is None or any(a is not b for a, b in zip(cache[0], key)):
+            cache = (key, np.ascontiguousarray(self.pq.codes[lists[1]]))
+            self._list_codes_cache = cache
+        return cache[1]
+
     def leaf_centroids(self) -> np.ndarray:
         """Mean PQ reconstruction of each leaf's documents, shape=(n_leaves, d) float32 (zeros
         for an empty leaf); cached until the leaves change."""
@@ -577,24 +590,25 @@ class TreeIndex(VectorIndexInput):
         documents were scored; torch in, torch out. A beam covering every leaf scores every
         document and returns exactly `PQIndex.search` on the same codes.
 
-        One fused scan (`jpq.kernels.ivf.ivf_topk`, parallel over queries): each query scores the
-        PQ codes of its reached leaves and keeps its top-k in a heap. It replaced a leaf-major
-        loop (one `adc_scores` call per leaf, then a per-query merge in Python): 300 SciFact
-        test queries at beam 6 (10% scored) took 169 ms that way, 54 ms now (faiss IndexIVFPQ
-        15 ms, same run; see jpq.kernels.ivf).
+        One fused scan (`jpq.kernels.ivf.ivf_search`, parallel over queries): each query builds
+        its look-up table, scores the leaf-ordered PQ codes of its reached leaves and keeps its
+        top-k in a heap. 300 SciFact test queries at beam 3 (5% scored), 2 threads: 169 ms as a
+        leaf-major loop of `adc_scores` calls, 50 ms with a scan over a precomputed (nq, M, K)
+        table, 16 ms fused (faiss IndexIVFPQ 10 ms; bench/results/tree_speed.md).
         """
         kind = array_kind(q=q)
         k = check_k(k)
         if backend not in ("auto", "cpu", "reference"):
             raise ValueError(f"TreeIndex.search runs on the CPU: backend must be 'auto', 'cpu' or "
                              f"'reference', got {backend!r}")
+        self.pq._require_trained()
         qt = self.transform_queries(self._vectors("q", q))
         leaves, score = self.probe(qt, beam, transformed=True)
         offsets, ids, _ = self._inverted_lists()
-        lut = self.pq.lut(qt, backend="reference" if backend == "reference" else "cpu")
         probes = np.where(np.isfinite(score), leaves, -1)
-        D, I = ivf_topk(lut, self.pq.codes, offsets, ids, probes, k, metric=self.metric, backend=backend,
-                        check=False)  # the LUT comes from validated queries, the codes from add
+        D, I = ivf_search(self.pq.rotate(qt), self.pq.centroids, self._list_codes(), offsets, ids, probes, k,
+                          metric=self.metric, backend=backend,
+                          check=False)  # validated queries, the index's own centroids and codes
         return kind.wrap(D), kind.wrap(I)
 
     def beam_for_fraction(self, q, target: float, max_beam: int | None = None) -> tuple[int, float]:

@@ -195,6 +195,46 @@ def _scores_many_queries(codes, lut_mkq, out):
                 out[q, s + i] = block[i, q]
 
 
+# No fastmath in the LUT: no reassociation, no fused multiply-add, so every entry is the same
+# IEEE sum (j = 0, 1, ... in order) wherever the helper is inlined: `ivf_search` builds each
+# query's table inside its scan and its scores stay bitwise those of `adc_topk` on `build_lut`.
+@nb.njit(cache=True, inline="always")
+def _lut_into(qrow, Ct, l2, out):
+    """out (M, K) = the look-up table of one query qrow (M * ds,) for Ct (M, ds, K)."""
+    M, ds, K = Ct.shape
+    for m in range(M):
+        o = out[m]
+        c = Ct[m]
+        base = m * ds
+        for k in range(K):
+            o[k] = np.float32(0.0)
+        for j in range(ds):
+            x = qrow[base + j]
+            cj = c[j]
+            if l2:
+                for k in range(K):
+                    diff = x - cj[k]
+                    o[k] += diff * diff
+            else:
+                for k in range(K):
+                    o[k] += x * cj[k]
+
+
+@nb.njit(parallel=True, cache=True)
+def _build_lut_cpu(q, Ct, l2, out):
+    """q (nq, D) f32, Ct (M, ds, K) f32 -> out (nq, M, K), parallel over queries."""
+    for i in nb.prange(q.shape[0]):
+        _lut_into(q[i], Ct, l2, out[i])
+
+
+def _build_lut_numba(q: np.ndarray, C: np.ndarray, metric: str) -> np.ndarray:
+    M, K, ds = C.shape
+    out = np.empty((q.shape[0], M, K), np.float32)
+    if q.shape[0]:
+        _build_lut_cpu(q, np.ascontiguousarray(C.transpose(0, 2, 1)), metric == "l2", out)
+    return out
+
+
 def _merge_heaps(heap_v: np.ndarray, heap_i: np.ndarray, k: int):
     """(P, Q, k) per-thread heaps -> (Q, k) best-first, ties by smaller id."""
     P, Q, _ = heap_v.shape
@@ -332,8 +372,11 @@ def build_lut(q, centroids, metric: str = "ip", backend: str = "auto"):
         q: shape=(nq, D), float32.
         centroids: shape=(M, K, ds), float32, D = M * ds.
         metric: "ip" (inner product) or "l2" (squared L2).
-        backend: "auto" | "triton" | "cpu" | "reference". The LUT is a batched GEMM: the CPU and
-            Triton paths both use torch.bmm on the input's device.
+        backend: "auto" | "triton" | "cpu" | "reference". "triton" (CUDA tensors) is a batched
+            GEMM, torch.bmm on the input's device. "cpu" is a numba loop parallel over queries that
+            writes the (nq, M, K) layout directly (the bmm's (M, nq, K) result needed a transpose
+            copy as long as the GEMM itself), with a fixed IEEE summation order (see `_lut_into`);
+            CPU tensors that need a graph (requires_grad under grad mode) get the bmm instead.
 
     Returns:
         lut: shape=(nq, M, K), float32, in the kind of `q`.
@@ -345,6 +388,9 @@ def build_lut(q, centroids, metric: str = "ip", backend: str = "auto"):
     path = resolve_backend(backend, kind)
     if path == "reference":
         return kind.wrap(build_lut_reference(to_numpy_f32(q), to_numpy_f32(centroids), metric))
+    needs_graph = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (q, centroids))
+    if path == "cpu" and not needs_graph:
+        return kind.wrap(_build_lut_numba(to_numpy_f32(q), to_numpy_f32(centroids), metric))
     return kind.wrap(_build_lut_torch(_as_torch_f32(q, kind), _as_torch_f32(centroids, kind), metric))
 
 

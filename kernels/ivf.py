@@ -1,137 +1,186 @@
-"""Inverted-list ADC scan with top-k: each query scores only the documents of its probed lists.
+"""Inverted-list ADC search with top-k: each query scores only the documents of its probed lists.
 
-    D, I = ivf_topk(lut, codes, list_offsets, list_ids, probes, k, metric="ip")
+    D, I = ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k, metric="ip")
 
-lut (nq, M, K) float32 (as `build_lut` makes it); codes (N, M) uint8; the lists as CSR:
-list_ids (N',) int64 global ids grouped by list, list l = list_ids[list_offsets[l]:list_offsets[l+1]];
-probes (nq, w) int64: the lists each query scans, -1 for none. Returns D (nq, k) float32 and
-I (nq, k) int64, best first (largest inner product / smallest L2 distance), ties by smaller id,
--1 ids and -FLT_MAX / +FLT_MAX scores when fewer than k documents were scanned. A document in two
-probed lists is counted once per list it is in (the tree and IVF lists hold each document once).
+The lists are laid out as faiss' inverted lists, in CSR form: list l holds the documents
+list_ids[list_offsets[l]:list_offsets[l+1]] (int64 global ids) and their PQ codes, the same rows
+of list_codes (N', M) uint8. q (nq, D) float32 are the (already rotated) query vectors, centroids
+(M, K, ds) float32 with D = M * ds; probes (nq, w) int64 are the lists each query scans, -1 for
+none. Returns D (nq, k) float32 and I (nq, k) int64, best first (largest inner product / smallest
+L2 distance), ties by smaller id, -1 ids and -FLT_MAX / +FLT_MAX scores when fewer than k
+documents were scanned. A document in two probed lists is counted once per list it is in (the
+tree and IVF lists hold each document once).
 
 Loop form (the reference):
-    for q: docs = concatenation of the probed lists; s = sum_m lut[q, m, codes[docs, m]];
-           the k best of (s, docs)
+    for q: lut = build_lut(q, centroids); docs = the probed lists' rows;
+           s = sum_m lut[m, list_codes[docs, m]]; the k best of (s, list_ids[docs])
 
-Paths: "reference" (NumPy), "cpu" (numba, one query per parallel iteration: its LUT rows stay
-in cache, the scan, the heap and the final order are fused, no per-list Python work; the sum
-runs over m in order in float32, as `adc_topk`'s CPU path, so scores are bitwise equal to it).
-There is no Triton path: "auto" is "cpu", and "triton" raises.
+Paths: "reference" (NumPy) and "cpu" (numba, one query per parallel iteration: its look-up table
+is built into a per-query (M, K) buffer that stays in cache, then the scan over the list-ordered
+codes, the k-heap and a final heapsort, all in one kernel, with no (nq, M, K) table in memory and
+no per-list Python work). The table is `build_lut`'s CPU table (the same inlined `_lut_into`,
+fixed IEEE order) and the sum runs over m in order in float32 as `adc_topk`'s CPU path, so the
+scores are bitwise those of `adc_topk(build_lut(q, centroids), codes)`. There is no Triton path:
+"auto" is "cpu", and "triton" raises.
 
-Why a kernel: `TreeIndex.search` used to call `adc_scores` once per reached list over the queries
-that reached it (a LUT transpose per list and call, a finite-check per call) and merged per query
-in Python. 300 SciFact test queries, 64 leaves, M = 96, 2 threads, one run: beam 3 / 6 / 12 took
-80 / 169 / 304 ms that way and 50 / 54 / 65 ms with this kernel (faiss IndexIVFPQ at the same
-nprobe 10-15 ms); most of what is left is the LUT GEMM and the routing, not the scan.
-`python bench/tree_speed.py` (bench/results/tree_speed.md) keeps the comparison: 2.2-2.7x the
-time of faiss IndexIVFPQ at beam = nprobe = 3 / 6 / 12.
+Why fused: `TreeIndex.search` first called `adc_scores` per reached list (300 SciFact test
+queries, 64 leaves, M = 96, 2 threads: beam 3 / 6 / 12 took 80 / 169 / 304 ms), then a scan over
+a precomputed LUT (50 / 54 / 65 ms), where the (300, 96, 256) table (29 MB: the GEMM plus its
+transpose copy) and the per-query merge cost as much as the scan. Fused, with four documents'
+sums interleaved: 16 / 21 / 28 ms, 1.4-1.6x faiss IndexIVFPQ at the same nprobe (10 / 14 / 20 ms,
+same run; it was 2.4-3.3x): `python bench/tree_speed.py` (bench/results/tree_speed.md).
 """
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from .adc import _heap_replace_root, _merge_heaps, _worse, adc_scores_reference
-from .arrays import FLOAT_MAX, check_codes, check_float_matrix, check_k, check_metric
-from .arrays import to_numpy_codes, to_numpy_f32
+from .adc import _heap_replace_root, _lut_into, _worse, build_lut_reference
+from .arrays import FLOAT_MAX, check_codes, check_k, check_metric, to_numpy_codes, to_numpy_f32
+from .assign import check_centroids, check_vectors_for
 
 
-def ivf_topk_reference(lut, codes, list_offsets, list_ids, probes, k: int, metric: str = "ip"):
+def ivf_search_reference(q, centroids, list_codes, list_offsets, list_ids, probes, k: int, metric: str = "ip"):
     """NumPy oracle (see the module docstring)."""
-    nq = lut.shape[0]
+    nq = q.shape[0]
+    M = centroids.shape[0]
     D = np.full((nq, k), -FLOAT_MAX if metric == "ip" else FLOAT_MAX, np.float32)
     I = np.full((nq, k), -1, np.int64)
-    for q in range(nq):
-        docs = [list_ids[list_offsets[l] : list_offsets[l + 1]] for l in probes[q] if l >= 0]
-        docs = np.concatenate(docs) if docs else np.empty(0, np.int64)
-        if len(docs) == 0:
+    lut = build_lut_reference(q, centroids, metric)
+    for qi in range(nq):
+        rows = [np.arange(list_offsets[l], list_offsets[l + 1]) for l in probes[qi] if l >= 0]
+        rows = np.concatenate(rows) if rows else np.empty(0, np.int64)
+        if len(rows) == 0:
             continue
-        s = adc_scores_reference(lut[q : q + 1], codes[docs])  # (1, n)
-        order = np.lexsort((docs, -s[0] if metric == "ip" else s[0]))[:k]  # best, then smaller id
-        D[q, : len(order)] = s[0, order]
-        I[q, : len(order)] = docs[order]
+        s = lut[qi].astype(np.float64)[np.arange(M)[None, :], list_codes[rows].astype(np.int64)].sum(1)
+        s = s.astype(np.float32)
+        docs = list_ids[rows]
+        order = np.lexsort((docs, -s if metric == "ip" else s))[:k]  # best, then smaller id
+        D[qi, : len(order)] = s[order]
+        I[qi, : len(order)] = docs[order]
     return D, I
+
+
+@nb.njit(cache=True, inline="always")
+def _push(hv, hi, acc, i, l2):
+    """Offer document i with summed table entries acc to the k-heap (for l2, negated: exact)."""
+    v = -acc if l2 else acc
+    if _worse(hv[0], hi[0], v, i):
+        _heap_replace_root(hv, hi, v, i)
 
 
 # no fastmath: reassociation would let LLVM split the sum over m, and the scores would no longer
 # be bitwise those of adc_topk's CPU path (the tree's full-beam search must equal PQIndex.search)
 @nb.njit(parallel=True, cache=True)
-def _ivf_topk_cpu(lut, codes, offsets, ids, probes, heap_v, heap_i):
-    """lut (nq, M, K) f32, higher = better; heaps (nq, k) filled in place."""
+def _ivf_search_cpu(q, Ct, l2, list_codes, offsets, ids, probes, heap_v, heap_i):
+    """q (nq, D), Ct (M, ds, K) f32; heaps (nq, k) filled in place, best first on return (for l2
+    the heap holds negated distances: larger = better)."""
     nq, w = probes.shape
-    M = codes.shape[1]
-    for q in nb.prange(nq):
-        hv = heap_v[q]
-        hi = heap_i[q]
-        lq = lut[q]
+    M, _, K = Ct.shape
+    k = heap_v.shape[1]
+    for qi in nb.prange(nq):
+        lut = np.empty((M, K), np.float32)
+        _lut_into(q[qi], Ct, l2, lut)
+        hv = heap_v[qi]
+        hi = heap_i[qi]
         for j in range(w):
-            l = probes[q, j]
+            l = probes[qi, j]
             if l < 0:
                 continue
-            for t in range(offsets[l], offsets[l + 1]):
-                i = ids[t]
+            start = offsets[l]
+            stop = offsets[l + 1]
+            t = start
+            # four documents at a time: four independent in-order sums keep the adder busy (one
+            # sum alone waits on each add's latency); every sum still runs over m in order
+            while t + 4 <= stop:
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for m in range(M):
+                    lm = lut[m]
+                    a0 += lm[list_codes[t, m]]
+                    a1 += lm[list_codes[t + 1, m]]
+                    a2 += lm[list_codes[t + 2, m]]
+                    a3 += lm[list_codes[t + 3, m]]
+                _push(hv, hi, a0, ids[t], l2)
+                _push(hv, hi, a1, ids[t + 1], l2)
+                _push(hv, hi, a2, ids[t + 2], l2)
+                _push(hv, hi, a3, ids[t + 3], l2)
+                t += 4
+            while t < stop:
                 acc = np.float32(0.0)
                 for m in range(M):
-                    acc += lq[m, codes[i, m]]
-                if _worse(hv[0], hi[0], acc, i):
-                    _heap_replace_root(hv, hi, acc, i)
+                    acc += lut[m, list_codes[t, m]]
+                _push(hv, hi, acc, ids[t], l2)
+                t += 1
+        # heapsort: move the worst entry (the root) to the end, k - 1 times -> best first
+        for n in range(k - 1, 0, -1):
+            worst_v = hv[0]
+            worst_i = hi[0]
+            _heap_replace_root(hv[:n], hi[:n], hv[n], hi[n])
+            hv[n] = worst_v
+            hi[n] = worst_i
 
 
-def _check_lists(list_offsets, list_ids, probes, N):
+def _check_lists(list_offsets, list_ids, probes, n_rows):
     offsets = np.asarray(list_offsets)
     ids = np.asarray(list_ids)
     probes = np.asarray(probes)
     if offsets.ndim != 1 or len(offsets) < 1 or not np.issubdtype(offsets.dtype, np.integer):
         raise ValueError(f"list_offsets must be a 1-D integer array (n_lists + 1,), got {offsets.shape} {offsets.dtype}")
-    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(ids):
-        raise ValueError("list_offsets must start at 0, never decrease and end at len(list_ids)")
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or (len(ids) and (ids.min() < 0 or ids.max() >= N)):
-        raise ValueError(f"list_ids must be a 1-D integer array of ids in [0, {N})")
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != n_rows:
+        raise ValueError(f"list_offsets must start at 0, never decrease and end at the number of list rows ({n_rows})")
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != n_rows or (len(ids) and ids.min() < 0):
+        raise ValueError(f"list_ids must be a 1-D integer array of {n_rows} ids >= 0 (one per row of list_codes)")
     if probes.ndim != 2 or not np.issubdtype(probes.dtype, np.integer):
         raise ValueError(f"probes must be a 2-D integer array (nq, w), got {probes.shape} {probes.dtype}")
     if probes.size and (probes.max() >= len(offsets) - 1 or probes.min() < -1):
         raise ValueError(f"probes must hold list numbers in [0, {len(offsets) - 1}) or -1")
-    return offsets.astype(np.int64), ids.astype(np.int64), probes.astype(np.int64)
+    return offsets.astype(np.int64), ids.astype(np.int64), np.ascontiguousarray(probes, dtype=np.int64)
 
 
-def ivf_topk(lut, codes, list_offsets, list_ids, probes, k: int, metric: str = "ip", backend: str = "auto",
-             check: bool = True):
+def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int, metric: str = "ip",
+               backend: str = "auto", check: bool = True):
     """k best documents of each query's probed lists by ADC (see the module docstring).
 
     NumPy in, NumPy out (torch tensors are read through NumPy on the CPU). check=False skips the
-    full passes over lut (finite values) and codes (values < K), for callers that built them."""
+    full passes over q and centroids (finite values) and list_codes (values < K), for callers
+    that validated them; shapes are always checked (the kernel does not bound-check)."""
     if check:
-        check_float_matrix("lut", lut, ndim=3)
-    elif lut.ndim != 3:
-        raise ValueError(f"lut must have 3 dimensions, got shape {tuple(lut.shape)}")
+        check_centroids(centroids)
+        check_vectors_for("q", q, centroids)
+    elif q.ndim != 2 or centroids.ndim != 3 or q.shape[1] != centroids.shape[0] * centroids.shape[2]:
+        raise ValueError(f"q (nq, D) and centroids (M, K, ds) need D = M * ds, got {tuple(q.shape)} and "
+                         f"{tuple(centroids.shape)}")
     k = check_k(k)
     check_metric(metric)
     if backend not in ("auto", "cpu", "reference", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'cpu', 'reference'), got {backend!r}")
     if backend == "triton":
-        raise RuntimeError("ivf_topk has no Triton path yet: use backend='cpu' (or 'auto')")
-    lut = to_numpy_f32(lut)
-    nq, M, K = lut.shape
+        raise RuntimeError("ivf_search has no Triton path yet: use backend='cpu' (or 'auto')")
+    q = to_numpy_f32(q)
+    centroids = to_numpy_f32(centroids)
+    M, K, _ = centroids.shape
     if check:
-        check_codes(codes, M, K)
-    elif codes.ndim != 2 or codes.shape[1] != M:  # shapes always: the kernel does not bound-check
-        raise ValueError(f"codes must have shape (N, {M}), got {tuple(codes.shape)}")
-    codes = to_numpy_codes(codes)
-    offsets, ids, probes = _check_lists(list_offsets, list_ids, probes, codes.shape[0])
+        check_codes(list_codes, M, K)
+    elif list_codes.ndim != 2 or list_codes.shape[1] != M:
+        raise ValueError(f"list_codes must have shape (N, {M}), got {tuple(list_codes.shape)}")
+    list_codes = to_numpy_codes(list_codes)
+    offsets, ids, probes = _check_lists(list_offsets, list_ids, probes, list_codes.shape[0])
+    nq = q.shape[0]
     if probes.shape[0] != nq:
-        raise ValueError(f"probes has {probes.shape[0]} rows but lut has {nq} queries")
+        raise ValueError(f"probes has {probes.shape[0]} rows but q has {nq} queries")
     if backend == "reference":
-        return ivf_topk_reference(lut, codes, offsets, ids, probes, k, metric)
-    tile = lut if metric == "ip" else -lut  # maximise always; negation is exact, so D is too
+        return ivf_search_reference(q, centroids, list_codes, offsets, ids, probes, k, metric)
     heap_v = np.full((nq, k), -np.inf, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
-    if nq and len(ids):
-        _ivf_topk_cpu(np.ascontiguousarray(tile), codes, offsets, ids, probes, heap_v, heap_i)
-    D, I = _merge_heaps(heap_v[None], heap_i[None], k)  # best first, ties by smaller id
-    if metric != "ip":
-        D = -D
-    D[I < 0] = -FLOAT_MAX if metric == "ip" else FLOAT_MAX
-    return D, I
+    if nq:
+        Ct = np.ascontiguousarray(centroids.transpose(0, 2, 1))
+        _ivf_search_cpu(q, Ct, metric == "l2", list_codes, offsets, ids, probes, heap_v, heap_i)
+    D = heap_v if metric == "ip" else -heap_v
+    D[heap_i < 0] = -FLOAT_MAX if metric == "ip" else FLOAT_MAX
+    return D, heap_i
 
 
-__all__ = ["ivf_topk", "ivf_topk_reference"]
+__all__ = ["ivf_search", "ivf_search_reference"]
