@@ -539,8 +539,93 @@ def section_index_search(ctx, k: int = 10):
         ctx.case("PQIndex.search", f"nq={nq} N={N} d={d} M={M} k={k}", run)
 
 
+class _RowEncoder:
+    """Builds a torch module texts "q<i>" -> a trainable linear map of fixed query vectors."""
+
+    def __new__(cls, base):
+        import torch
+
+        class RowEncoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("base", torch.from_numpy(base))
+                self.linear = torch.nn.Linear(base.shape[1], base.shape[1], bias=False)
+                torch.nn.init.eye_(self.linear.weight)
+
+            def forward(self, texts):
+                rows = torch.tensor([int(t[1:]) for t in texts], device=self.base.device)
+                return self.linear(self.base[rows])
+
+        return RowEncoder()
+
+
+def section_train(ctx):
+    """jpq.train.JPQTrainer (mode "jpq") with device = the GPU against the same run on the CPU,
+    on a synthetic task (queries see their positive through a fixed distortion): the first
+    step's loss must agree, the device run must hold its tensors there and raise its own
+    training nDCG@10; times are per training step (hard-negative search, fused op, AdamW), the
+    "torch" column is the CPU trainer."""
+    import numpy as np
+    import torch
+    from jpq import PQIndex
+    from jpq.train import JPQTrainer, TrainConfig
+
+    sizes = [(600, 16, 4, 4, 240)] if ctx.size == "dry" else [(100_000, 384, 48, 8, 4096)]
+    for N, d, M, nbits, nq in sizes:
+
+        def run(row, N=N, d=d, M=M, nbits=nbits, nq=nq):
+            rng = np.random.default_rng(5)
+            X = rng.standard_normal((N, d)).astype(np.float32)
+            X /= np.linalg.norm(X, axis=1, keepdims=True)
+            pos = rng.integers(0, N, nq)
+            A = np.eye(d, dtype=np.float32) + (0.6 / np.sqrt(d / 16)) * rng.standard_normal((d, d)).astype(np.float32)
+            Q = (X[pos] @ A.T + 0.05 * rng.standard_normal((nq, d))).astype(np.float32)
+            ids = [f"q{i}" for i in range(nq)]
+            qrels = {q: {int(p): 1} for q, p in zip(ids, pos)}
+            index = PQIndex(d, M, nbits=nbits, metric="ip", opq=False)
+            index.train(X[: min(N, 65536)], niter=10, seed=0)
+            index.add(X)
+
+            def trainer(device, epochs):
+                torch.manual_seed(0)
+                cfg = TrainConfig(mode="jpq", epochs=epochs, batch_size=32, negatives=20, lr_encoder=5e-3,
+                                  lr_centroids=5e-3, patience=epochs, refit=False, seed=0, device=device)
+                return JPQTrainer(cfg, X, index, ids, qrels, query_texts={q: q for q in ids},
+                                  encoder=_RowEncoder(Q), progress=False)
+
+            dev, cpu = trainer(str(ctx.device), 2), trainer("cpu", 1)
+            batch = dev._batches(np.random.default_rng(0))[0]
+            losses = []
+            for t in (dev, cpu):
+                torch.manual_seed(1)  # the corpus-reconstruction term draws its documents from it
+                losses.append(t.step(batch)["loss"])
+            loss_dev, loss_cpu = losses
+            on_device = dev.centroids.device.type == ctx.device.type and dev.X_t.device.type == ctx.device.type
+            history = trainer(str(ctx.device), 2).fit()
+            gain = history[-1]["val"] - history[0]["val"]
+            ok = on_device and abs(loss_dev - loss_cpu) <= 1e-3 * max(1.0, abs(loss_cpu)) and gain > 0.02
+            row.check = (f"{'ok' if ok else 'FAIL'} (step-1 loss {loss_dev:.4f} vs CPU {loss_cpu:.4f}, "
+                         f"held-out nDCG@10 {history[0]['val']:.3f} -> {history[-1]['val']:.3f}"
+                         f"{'' if on_device else ', NOT on the device'})")
+            row.failed = not ok
+            batches = dev._batches(np.random.default_rng(1))[:8]
+
+            def steps(t):
+                def go():
+                    for b in batches:
+                        t.step(b)
+                    if ctx.device.type == "cuda":
+                        torch.cuda.synchronize()
+                return go
+
+            row.triton_ms = ctx.bench(steps(dev)) / len(batches)
+            row.torch_ms = ctx.bench(steps(cpu)) / len(batches)
+
+        ctx.case("JPQTrainer step", f"N={N} d={d} M={M} nbits={nbits} queries={nq} batch=32", run)
+
+
 SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs,
-            section_index_search]
+            section_index_search, section_train]
 
 
 # --------------------------------------------------------------------------- launch-config sweep

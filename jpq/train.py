@@ -134,6 +134,14 @@ class TrainConfig:
     # 0.761 vs 0.774 in a single run).
     anisotropic_eta: float = 1.0
     seed: int = 0
+    # where training runs: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a device).
+    # On CUDA the query tower, the centroids and the document vectors live on the device; hard
+    # negatives come from `build_lut` + `adc_topk` and the loss from `quantize_and_score`, whose
+    # Triton kernels then run there. Results on CUDA are not bitwise those of the CPU (another
+    # summation order, cuBLAS), and a run may be resumed on another device. "cpu" by default.
+    device: str = "cpu"
+    # fields that do not change what training computes: a resumed run may change them
+    RESUME_FREE_FIELDS = ("device",)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -146,11 +154,49 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_eta(self.anisotropic_eta, "anisotropic_eta")
+        check_device(self.device)
         if self.query_aware_init and self.anisotropic_eta != 1.0:
             raise ValueError("query_aware_init and anisotropic_eta != 1 are two initialisations; pick one "
                              "(anisotropic_eta=1 turns the anisotropic one off)")
         if not 0.0 < self.query_aware_shrinkage <= 1.0:
             raise ValueError(f"query_aware_shrinkage must be in (0, 1], got {self.query_aware_shrinkage}")
+
+
+def check_device(device) -> str:
+    """Validate a device string ("cpu", "cuda", "cuda:N", "auto"); returns it."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string ('cpu', 'cuda', 'cuda:N' or 'auto'), got {type(device).__name__}")
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    return device
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a checked device string; CUDA that torch cannot see is an error."""
+    if check_device(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device "
+                             "(a CPU build of torch, or no GPU): use device 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _cpu_state_dict(module: torch.nn.Module) -> dict:
+    """A CPU copy of module.state_dict() (its `_metadata`, which load_state_dict reads, kept)."""
+    state = module.state_dict()
+    out = type(state)((k, v.detach().cpu().clone()) for k, v in state.items())
+    if hasattr(state, "_metadata"):
+        out._metadata = copy.deepcopy(state._metadata)
+    return out
 
 
 # --------------------------------------------------------------------------- data split
@@ -334,10 +380,10 @@ class Checkpointing:
         path = self.out_dir / "checkpoint.pt" if self.out_dir else None
         if path is None or not path.exists():
             return None
-        ck = torch.load(path, weights_only=False)
-        # fields that only say how the result is searched (SEARCH_ONLY_FIELDS on the config
-        # class, e.g. the tree's centroid_share) may differ: training never reads them
-        ignore = set(getattr(type(self.cfg), "SEARCH_ONLY_FIELDS", ()))
+        ck = torch.load(path, weights_only=False, map_location="cpu")  # the optimizer moves its state
+        # fields that do not change what training computes (RESUME_FREE_FIELDS on the config
+        # class: where it runs, how the tree's result is searched) may differ
+        ignore = set(getattr(type(self.cfg), "RESUME_FREE_FIELDS", ()))
         if {k: v for k, v in ck["config"].items() if k not in ignore} != \
                 {k: v for k, v in asdict(self.cfg).items() if k not in ignore}:
             raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
@@ -360,7 +406,7 @@ class JPQTrainer(Checkpointing):
         qrels: {query_id: {doc_position: relevance}} over the training split; doc positions are
             rows of doc_embeddings.
         encoder: a torch module texts -> (n, d) (e.g. SentenceEncoder), trained unless mode is
-            "centroids". May be None when mode is "centroids".
+            "centroids". May be None when mode is "centroids". Moved to `config.device`.
         out_dir: where checkpoints go (`checkpoint.pt`, `best.pt`, `history.json`).
     """
 
@@ -376,6 +422,7 @@ class JPQTrainer(Checkpointing):
         self.query_embeddings = query_embeddings or {}
         self.progress = progress
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = resolve_device(config.device)
         mode = config.mode
         if mode != "encoder" and index is None:
             raise ValueError(f"mode {mode!r} needs a trained PQIndex")
@@ -410,13 +457,16 @@ class JPQTrainer(Checkpointing):
                  len(self.train_ids), len(self.val_ids), len(self.val_unseen_ids),
                  ", guarded" if self.guarded else "")
 
-        # trainable parameters
-        self.rotation = None if index is None or index.rotation is None else torch.from_numpy(index.rotation)
-        self.codes = None if index is None else torch.from_numpy(index.codes)
+        # trainable parameters, and everything the steps read, on the training device
+        dev = self.device
+        if encoder is not None:
+            encoder.to(dev)
+        self.rotation = None if index is None or index.rotation is None else torch.from_numpy(index.rotation).to(dev)
+        self.codes = None if index is None else torch.from_numpy(index.codes).to(dev)
         self.centroids = None
         groups = []
         if index is not None:
-            self.centroids = torch.nn.Parameter(torch.from_numpy(index.centroids.copy()),
+            self.centroids = torch.nn.Parameter(torch.from_numpy(index.centroids.copy()).to(dev),
                                                 requires_grad=mode in ("jpq", "centroids"))
             if self.centroids.requires_grad:
                 groups.append({"params": [self.centroids], "lr": config.lr_centroids, "weight_decay": 0.0})
@@ -429,7 +479,7 @@ class JPQTrainer(Checkpointing):
                            "lr": config.lr_encoder, "weight_decay": config.weight_decay})
         self.optimizer = torch.optim.AdamW(groups)
         self.state = TrainState()
-        self.X_t = torch.from_numpy(self.X)
+        self.X_t = torch.from_numpy(self.X).to(dev)
         self._text_length = None  # query id -> length, for bucket_by_length
 
     # ------------------------------------------------------------------ embeddings
@@ -438,7 +488,7 @@ class JPQTrainer(Checkpointing):
             if grad:
                 return self.encoder([self.query_texts[q] for q in ids])
             return self._encode_eval(ids)
-        return torch.from_numpy(np.stack([self.query_embeddings[q] for q in ids]))
+        return torch.from_numpy(np.stack([self.query_embeddings[q] for q in ids])).to(self.device)
 
     @torch.no_grad()
     def _encode_eval(self, ids: list[str]) -> torch.Tensor:
@@ -457,7 +507,7 @@ class JPQTrainer(Checkpointing):
             return np.stack([np.asarray(self.query_embeddings[q], np.float32) for q in ids])
         if self.encoder is None:
             raise ValueError("query-aware initialisation needs query embeddings or an encoder")
-        return torch.cat([self._encode_eval(ids[s : s + 256]).float() for s in range(0, len(ids), 256)]).numpy()
+        return torch.cat([self._encode_eval(ids[s : s + 256]).float() for s in range(0, len(ids), 256)]).cpu().numpy()
 
     def _rotate(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.rotation is None else q @ self.rotation.T
@@ -465,16 +515,16 @@ class JPQTrainer(Checkpointing):
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()
     def search(self, q: torch.Tensor, k: int):
-        """Top-k document rows for query vectors (B, d) under the current parameters."""
-        qn = self._rotate(q.detach().float()).contiguous().numpy()
+        """Top-k document rows (NumPy (D, I)) for query vectors (B, d) under the current
+        parameters, on the training device: the kernels' CPU paths on the CPU, Triton on CUDA."""
+        qn = self._rotate(q.detach().float()).contiguous()
         if self.index is None:
-            scores = torch.from_numpy(qn) @ self.X_t.T
-            kk = min(k, scores.shape[1])
-            D, I = torch.topk(scores, kk, dim=1)
-            return D.numpy(), I.numpy().astype(np.int64)
-        C = self.centroids.detach().numpy()
-        lut = build_lut(qn, C, metric="ip")
-        return adc_topk(lut, self.index.codes, k, metric="ip", check=False)
+            scores = qn @ self.X_t.T
+            D, I = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        else:
+            lut = build_lut(qn, self.centroids.detach(), metric="ip")
+            D, I = adc_topk(lut, self.codes, k, metric="ip", check=False)
+        return D.cpu().numpy(), I.cpu().numpy().astype(np.int64)
 
     def evaluate_ids(self, ids: list[str], k: int = 100, metrics=("ndcg@10", "mrr@10", "recall@100"),
                      per_query: bool = False, index: PQIndex | None = None):
@@ -487,7 +537,7 @@ class JPQTrainer(Checkpointing):
         for s in range(0, len(ids), 256):
             q = self._queries(ids[s : s + 256], grad=False)
             parts.append(self.search(q, k)[1] if index is None else
-                         index.search(q.detach().float().contiguous().numpy(), k)[1])
+                         index.search(q.detach().float().cpu().contiguous().numpy(), k)[1])
         I = np.concatenate(parts)
         doc_ids = [str(i) for i in range(len(self.X))]
         run = (I, ids, doc_ids)  # rows already in rank order
@@ -534,22 +584,24 @@ class JPQTrainer(Checkpointing):
             negs = [d for d in I[b] if d >= 0 and d not in self.qrels[qid]][: self.cfg.negatives]
             cand[b, n_pos : n_pos + len(negs)] = negs
             valid[b, n_pos : n_pos + len(negs)] = True
-        return cand, torch.from_numpy(pos_mask), torch.from_numpy(valid)
+        return cand, torch.from_numpy(pos_mask).to(self.device), torch.from_numpy(valid).to(self.device)
 
     def _scores(self, q, cand):
         """(B, P) scores of q against the candidate documents, and the reconstruction loss."""
+        dev = self.device
         if self.index is None:
-            docs = self.X_t[torch.from_numpy(cand)]  # (B, P, d)
-            return torch.einsum("bd,bpd->bp", q, docs), torch.zeros(())
+            docs = self.X_t[torch.from_numpy(cand).to(dev)]  # (B, P, d)
+            return torch.einsum("bd,bpd->bp", q, docs), torch.zeros((), device=dev)
         from .kernels import quantize_and_score
 
         uniq, inv = np.unique(cand, return_inverse=True)
-        codes = self.codes[torch.from_numpy(uniq)]
-        x = self.X_t[torch.from_numpy(uniq)]
+        uniq = torch.from_numpy(uniq).to(dev)
+        codes = self.codes[uniq]
+        x = self.X_t[uniq]
         if self.rotation is not None:
             x = x @ self.rotation.T
         scores, recon = quantize_and_score(self._rotate(q), self.centroids, codes=codes, x=x,
-                                           doc_index=torch.from_numpy(inv.reshape(cand.shape)),
+                                           doc_index=torch.from_numpy(inv.reshape(cand.shape)).to(dev),
                                            return_recon_error=True)
         return scores, recon.mean()
 
@@ -576,17 +628,18 @@ class JPQTrainer(Checkpointing):
         if self.centroids is None or not self.centroids.requires_grad or self.cfg.corpus_recon_weight <= 0:
             return None
         n = min(self.cfg.corpus_recon_docs, len(self.X))
-        rows = torch.randperm(len(self.X))[:n]
+        rows = torch.randperm(len(self.X))[:n].to(self.device)  # drawn on the CPU: same rows everywhere
         codes = self.codes[rows].long()  # (n, M)
         M = self.centroids.shape[0]
-        x_hat = self.centroids[torch.arange(M), codes].reshape(n, -1)  # (n, d) in the rotated space
+        x_hat = self.centroids[torch.arange(M, device=self.device), codes].reshape(n, -1)  # (n, d), rotated space
         return ((self._rotate(self.X_t[rows]) - x_hat) ** 2).sum(1).mean()
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict:
         return {
-            "centroids": None if self.centroids is None else self.centroids.detach().clone(),
-            "encoder": None if not self.train_encoder else copy.deepcopy(self.encoder.state_dict()),
+            # CPU copies: a checkpoint loads on any machine, and the selected state holds no device memory
+            "centroids": None if self.centroids is None else self.centroids.detach().cpu().clone(),
+            "encoder": None if not self.train_encoder else _cpu_state_dict(self.encoder),
             # the codes never change during training, but the query-aware init computes them: a
             # resumed run takes them from here rather than from a k-means re-run on another machine
             "codes": None if self.index is None else self.index.codes.copy(),
@@ -600,7 +653,7 @@ class JPQTrainer(Checkpointing):
             self.encoder.load_state_dict(st["encoder"])
         if st.get("codes") is not None:
             self.index.codes = st["codes"].copy()
-            self.codes = torch.from_numpy(self.index.codes)
+            self.codes = torch.from_numpy(self.index.codes).to(self.device)
 
     # ------------------------------------------------------------------ loop
     def _batches(self, rng: np.random.Generator) -> list[list[str]]:
@@ -662,7 +715,7 @@ class JPQTrainer(Checkpointing):
         if self.index is None:
             raise ValueError("mode 'encoder' trains no index")
         out = copy.copy(self.index)
-        out.centroids = self.centroids.detach().numpy().copy()
+        out.centroids = self.centroids.detach().cpu().numpy().copy()
         return out
 
     def encode_queries(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
@@ -672,7 +725,7 @@ class JPQTrainer(Checkpointing):
         was = self.encoder.training
         self.encoder.eval()
         with torch.no_grad():
-            out = [self.encoder(list(texts[s : s + batch_size])).float().numpy()
+            out = [self.encoder(list(texts[s : s + batch_size])).float().cpu().numpy()
                    for s in range(0, len(texts), batch_size)]
         self.encoder.train(was)
         return np.concatenate(out) if out else np.zeros((0, self.X.shape[1]), np.float32)

@@ -717,7 +717,7 @@ class TreeConfig:
     # nDCG@10 0.710 / 0.764 / 0.797 -> 0.734 / 0.771 / 0.801 (higher at 5% and 10% on 6/6 seeds).
     # Validating with the share too selected worse epochs (0.825 / 0.872 / 0.928).
     centroid_share: float = 0.5
-    SEARCH_ONLY_FIELDS = ("centroid_share",)  # a resumed run may change it (Checkpointing._resume)
+    RESUME_FREE_FIELDS = ("centroid_share",)  # a resumed run may change it (Checkpointing._resume)
     val_fraction: float = 0.2
     holdout: str = "random"  # or "disjoint" (see jpq.train.holdout_split)
     val_fractions: tuple = TARGET_FRACTIONS  # validation: mean of (nDCG@10 + Recall@100) / 2 at these

@@ -18,7 +18,8 @@ def test_gpu_script_dry_run_passes_every_check():
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    for section in ("adc_scores", "adc_topk", "assign", "ste fwd+bwd", "ste pairs fwd+bwd", "PQIndex.search"):
+    for section in ("adc_scores", "adc_topk", "assign", "ste fwd+bwd", "ste pairs fwd+bwd", "PQIndex.search",
+                    "JPQTrainer step"):
         assert f"| {section} |" in out, section
     assert "FAIL" not in out and "ERROR" not in out, out[-3000:]
     assert "ADC launch-configuration sweep" in out

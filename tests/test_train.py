@@ -379,3 +379,57 @@ def test_the_guard_compares_with_the_index_as_given_when_an_initialisation_refit
     assert "val_unseen_refit_start" not in rec_plain
     aniso.fit()
     assert all("eligible" in r for r in aniso.state.history[1:])
+
+
+# --------------------------------------------------------------------------- device
+def test_device_is_validated_and_auto_resolves_to_what_torch_sees():
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="meta")
+    with pytest.raises(TypeError, match="device"):
+        TrainConfig(device=0)
+    trainer = make_trainer("jpq", epochs=1, device="auto")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert trainer.device.type == want and trainer.centroids.device.type == want
+    assert trainer.X_t.device.type == want and trainer.codes.device.type == want
+    assert next(trainer.encoder.parameters()).device.type == want
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            make_trainer("jpq", epochs=1, device="cuda")
+
+
+def test_hard_negative_search_equals_the_kernels_on_numpy():
+    """The trainer searches with torch tensors on its device; on the CPU that is exactly
+    adc_topk(build_lut(...)) on NumPy arrays (same kernels), for every mode's index."""
+    from jpq.kernels import adc_topk, build_lut
+
+    for mode in ("jpq", "encoder"):
+        trainer = make_trainer(mode, epochs=1)
+        q = trainer._queries(trainer.train_ids[:9], grad=False)
+        D, I = trainer.search(q, 15)
+        assert isinstance(D, np.ndarray) and I.dtype == np.int64 and I.shape == (9, 15)
+        qn = q.numpy()
+        if mode == "jpq":
+            D_ref, I_ref = adc_topk(build_lut(qn, trainer.centroids.detach().numpy()), trainer.index.codes, 15)
+        else:
+            s = qn @ trainer.X.T
+            I_ref = np.argsort(-s, axis=1, kind="stable")[:, :15]
+            D_ref = np.take_along_axis(s, I_ref, 1)
+        np.testing.assert_array_equal(I, I_ref)
+        np.testing.assert_allclose(D, D_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_resume_may_change_the_device_field(tmp_path):
+    """`device` says where training runs, not what it computes: a run cut on one device setting
+    resumes under another ("auto" is the CPU here) and ends with the uninterrupted centroids."""
+    full = make_trainer("jpq", out_dir=tmp_path / "full", epochs=3)
+    full.fit()
+    make_trainer("jpq", out_dir=tmp_path / "cut", epochs=3).fit(stop_after_epoch=1)
+    resumed = make_trainer("jpq", out_dir=tmp_path / "cut", epochs=3,
+                           device="auto" if not torch.cuda.is_available() else "cpu")
+    resumed.fit(resume=True)
+    torch.testing.assert_close(resumed.centroids.cpu(), full.centroids, rtol=0, atol=0)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["model"]["centroids"].device.type == "cpu"
+    assert all(v.device.type == "cpu" for v in ck["model"]["encoder"].values())
