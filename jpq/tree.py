@@ -228,12 +228,16 @@ def leaf_log_probs(x: torch.Tensor, embeddings: Sequence[torch.Tensor], biases: 
     Loop form: for each leaf with path (j_0, ..., j_{L-1}):
         out[i, leaf] = sum_l log softmax_{siblings of j_l}(s_l * (x_i . e_j + c_j))[j_l]
     """
-    n = x.shape[0]
-    total = x.new_zeros((n, 1))
-    for level, b in enumerate(branching):
-        z = (x @ embeddings[level].T + biases[level]) * log_scales[level].exp()
-        logp = F.log_softmax(z.reshape(n, -1, b), dim=-1)  # softmax over each node's children
-        total = (total.unsqueeze(-1) + logp).reshape(n, -1)
+    return path_log_probs(level_log_probs(x, embeddings, biases, log_scales, branching), branching)
+
+
+def path_log_probs(logps: Sequence[torch.Tensor], branching: Sequence[int]) -> torch.Tensor:
+    """Every leaf's path log-probability from the per-level conditional ones (`level_log_probs`):
+    out[:, leaf] = sum over levels of log p(node on the leaf's path | its parent)."""
+    n = logps[0].shape[0]
+    total = logps[0].new_zeros((n, 1))
+    for logp, b in zip(logps, branching):
+        total = (total.unsqueeze(-1) + logp.reshape(n, -1, b)).reshape(n, -1)
     return total
 
 
@@ -249,7 +253,7 @@ def level_log_probs(x, embeddings, biases, log_scales, branching):
 
 @torch.no_grad()
 def beam_search(x: torch.Tensor, embeddings, biases, log_scales, branching, beam: int,
-                node_counts: Sequence[np.ndarray] | None = None):
+                node_counts: Sequence[np.ndarray] | None = None, logps: Sequence[torch.Tensor] | None = None):
     """Route x (n, d) down the tree keeping the `beam` best nodes (by path log-probability) per
     level. node_counts[l] (n_l,): documents under each node; nodes with none are skipped.
 
@@ -257,9 +261,11 @@ def beam_search(x: torch.Tensor, embeddings, biases, log_scales, branching, beam
     log-probabilities shape=(n, w) (-inf where fewer than w non-empty leaves exist).
     The per-level logits are one GEMM over all nodes of the level (for trees of a few thousand
     nodes that is cheaper than gathering each query's children), then pruned to the beam.
+    `logps`: those levels' `level_log_probs(x, ...)` when the caller has them already.
     """
     n = x.shape[0]
-    logps = level_log_probs(x, embeddings, biases, log_scales, branching)
+    if logps is None:
+        logps = level_log_probs(x, embeddings, biases, log_scales, branching)
     score = x.new_zeros((n, 1))
     nodes = torch.zeros((n, 1), dtype=torch.int64)
     for level, b in enumerate(branching):
@@ -523,10 +529,12 @@ class TreeIndex(VectorIndexInput):
             self._leaf_means = (key, means)
         return self._leaf_means[1]
 
-    def _add_centroid_leaves(self, q: np.ndarray, leaves: np.ndarray, score: np.ndarray, share: float):
+    def _add_centroid_leaves(self, q: np.ndarray, leaves: np.ndarray, score: np.ndarray, share: float,
+                             logps: list[torch.Tensor]):
         """Keep the routing's best w - floor(share * w) leaves of each query and fill the beam with
         the leaves whose centroids score highest (inner product, or -L2 for metric "l2"). Scores
-        become every returned leaf's path log-probability."""
+        become every returned leaf's path log-probability (from the routing's `level_log_probs`
+        of q, `logps`)."""
         nq, w = leaves.shape
         n_cent = math.floor(w * share + 1e-9)
         if n_cent == 0 or nq == 0:
@@ -534,7 +542,6 @@ class TreeIndex(VectorIndexInput):
         n_learn = w - n_cent
         cent = self.leaf_centroids()
         empty = self.leaf_sizes() == 0
-        emb, bia, ls = self.routing_params()
         out_leaves = np.empty_like(leaves)
         out_score = np.empty_like(score)
         step = max(1, (1 << 22) // self.n_leaves)  # bounds the (rows, n_leaves) work arrays
@@ -550,8 +557,7 @@ class TreeIndex(VectorIndexInput):
             head, head_ok = leaves[r0:r1, :n_learn], np.isfinite(score[r0:r1, :n_learn])
             prio[rows, head] = np.where(head_ok, np.arange(n_learn), prio[rows, head])
             order = np.argsort(prio, axis=1, kind="stable")[:, :w]
-            with torch.no_grad():
-                logp = leaf_log_probs(torch.from_numpy(qs), emb, bia, ls, self.branching).numpy()
+            logp = path_log_probs([lp[r0:r1] for lp in logps], self.branching).numpy()
             out_leaves[r0:r1] = order
             out_score[r0:r1] = np.where(np.isfinite(prio[rows, order]), logp[rows, order], -np.inf)
         return out_leaves, out_score
@@ -569,9 +575,12 @@ class TreeIndex(VectorIndexInput):
             q = self.transform_queries(q)
         emb, bia, ls = self.routing_params()
         _, _, counts = self._inverted_lists()
-        leaves, score = beam_search(torch.from_numpy(q), emb, bia, ls, self.branching, beam, counts)
+        qt = torch.from_numpy(q)
+        with torch.no_grad():
+            logps = level_log_probs(qt, emb, bia, ls, self.branching)  # once, for both steps below
+        leaves, score = beam_search(qt, emb, bia, ls, self.branching, beam, counts, logps=logps)
         share = self.centroid_share if centroid_share is None else _check_share(centroid_share)
-        return self._add_centroid_leaves(q, leaves.numpy(), score.numpy(), share)
+        return self._add_centroid_leaves(q, leaves.numpy(), score.numpy(), share, logps)
 
     def fraction_scored(self, q, beam: int) -> float:
         """Mean over the queries q (nq, d) of (documents in the reached leaves) / ntotal."""
