@@ -54,7 +54,8 @@ def _workspace(args):
     from .pipeline import DEFAULT_CACHE, load_workspace
 
     return load_workspace(args.data, args.model, args.embeddings,
-                          Path(args.cache) if args.cache else DEFAULT_CACHE, progress=not args.quiet)
+                          Path(args.cache) if args.cache else DEFAULT_CACHE, progress=not args.quiet,
+                          device=getattr(args, "device", "cpu"))  # --device: train and demo (TrainConfig)
 
 
 def cmd_demo(args):

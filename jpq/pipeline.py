@@ -18,7 +18,7 @@ from .data import BeirDataset, load_beir
 from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
 from .index import PQIndex, anisotropic_codebooks
 from .metrics import evaluate
-from .train import JPQTrainer, TrainConfig, fit_and_refit
+from .train import JPQTrainer, TrainConfig, fit_and_refit, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,20 @@ def find_precomputed(data_dir: Path, explicit: str | None) -> list[Path]:
 
 
 def load_workspace(data: str, model: str = DEFAULT_MODEL, embeddings: str | None = None,
-                   cache_dir: Path = DEFAULT_CACHE, progress: bool = True) -> Workspace:
+                   cache_dir: Path = DEFAULT_CACHE, progress: bool = True, device: str = "cpu") -> Workspace:
     """Load a BEIR folder (or a named BEIR dataset, downloaded) and embed it with `model`.
 
     Document and query vectors come from a validated precomputed file when one is found
     (ids must match and freshly encoded spot checks must agree, cosine > 0.999), else they are
-    computed once and cached under `cache_dir` (resumable)."""
+    computed once and cached under `cache_dir` (resumable). `device` ("cpu", "cuda", "cuda:N",
+    "auto"): where the encoder runs (the vectors come back as NumPy either way)."""
     dataset = load_beir(data, cache_dir=cache_dir / "beir")
     splits = set(dataset.qrels)
     train_split = "train" if "train" in splits else None
     test_split = next((s for s in ("test", "dev", "validation") if s in splits), None)
     if train_split is None or test_split is None:
         raise ValueError(f"{data} needs a train split and a test (or dev) split in qrels/, found {sorted(splits)}")
-    encoder = SentenceEncoder(model)
+    encoder = SentenceEncoder(model, device=str(resolve_device(device)))
     doc_emb = query_emb = None
     for path in find_precomputed(Path(data), embeddings):
         try:

@@ -26,8 +26,9 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
         assert 0.0 <= r["ndcg@10"] <= 1.0 and 0.0 <= r["recall@100"] <= 1.0
     assert (out / "results.png").stat().st_size > 1000
     assert "| jpq |" in (out / "results.md").read_text()
-    # the embeddings were cached: a second run with everything done finishes from the cache
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # the embeddings were cached: a second run with everything done finishes from the cache (and
+    # --device auto, the CPU here, is accepted: where training runs is not part of what it computes)
+    proc = subprocess.run(cmd + ["--device", "auto"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == records
     # `jpq index` builds a post-hoc index from the same cache, also with anisotropic codebooks (4-bit
@@ -48,3 +49,15 @@ def test_synthetic_beir_folder_loads_with_both_splits(tmp_path):
     ds = load_beir(make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20, seed=3))
     assert len(ds.corpus_ids) == 50 and len(ds.query_ids) == 20
     assert len(ds.split_query_ids("train")) == 14 and len(ds.split_query_ids("test")) == 6
+
+
+def test_workspace_refuses_a_cuda_device_torch_cannot_see(tmp_path):
+    import torch
+
+    from jpq.pipeline import load_workspace
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20, seed=3)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        load_workspace(str(data), cache_dir=tmp_path / "cache", progress=False, device="cuda")
