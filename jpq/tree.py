@@ -32,8 +32,9 @@ the learned partition, which covers the queries the learned routing generalises 
 
 Leaves store their documents as PQ codes (a `PQIndex` inside, raw vectors, not residuals): search
 scores the codes of each query's reached leaves with the inverted-list ADC kernel
-(`jpq.kernels.ivf.ivf_search`, over a leaf-ordered copy of the codes) and keeps an exact top-k per query (ties by smaller id), so a beam
-covering every leaf returns exactly what `PQIndex.search` returns on the same codes.
+(`jpq.kernels.ivf.ivf_search`, over a leaf-ordered copy of the codes) and keeps an exact top-k per
+query (ties by smaller id), so a beam covering every leaf returns exactly what `PQIndex.search`
+returns on the same codes.
 
 Training (`TreeTrainer`). The query tower is any torch module; the default is a residual linear
 adapter on the frozen encoder's query vectors (`ResidualLinear`: q' = q + W q, W = 0 at start),

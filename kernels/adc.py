@@ -227,11 +227,16 @@ def _build_lut_cpu(q, Ct, l2, out):
         _lut_into(q[i], Ct, l2, out[i])
 
 
+def centroids_by_dim(C: np.ndarray) -> np.ndarray:
+    """(M, K, ds) centroids -> the (M, ds, K) layout `_lut_into` reads (K contiguous: SIMD over K)."""
+    return np.ascontiguousarray(C.transpose(0, 2, 1))
+
+
 def _build_lut_numba(q: np.ndarray, C: np.ndarray, metric: str) -> np.ndarray:
     M, K, ds = C.shape
     out = np.empty((q.shape[0], M, K), np.float32)
     if q.shape[0]:
-        _build_lut_cpu(q, np.ascontiguousarray(C.transpose(0, 2, 1)), metric == "l2", out)
+        _build_lut_cpu(q, centroids_by_dim(C), metric == "l2", out)
     return out
 
 

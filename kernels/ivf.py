@@ -35,7 +35,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .adc import _heap_replace_root, _lut_into, _worse, build_lut_reference
+from .adc import _heap_replace_root, _lut_into, _worse, build_lut_reference, centroids_by_dim
 from .arrays import FLOAT_MAX, check_codes, check_k, check_metric, to_numpy_codes, to_numpy_f32
 from .assign import check_centroids, check_vectors_for
 
@@ -176,8 +176,8 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
     heap_v = np.full((nq, k), -np.inf, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
     if nq:
-        Ct = np.ascontiguousarray(centroids.transpose(0, 2, 1))
-        _ivf_search_cpu(q, Ct, metric == "l2", list_codes, offsets, ids, probes, heap_v, heap_i)
+        _ivf_search_cpu(q, centroids_by_dim(centroids), metric == "l2", list_codes, offsets, ids, probes,
+                        heap_v, heap_i)
     D = heap_v if metric == "ip" else -heap_v
     D[heap_i < 0] = -FLOAT_MAX if metric == "ip" else FLOAT_MAX
     return D, heap_i
