@@ -204,10 +204,15 @@ class PQIndex(VectorIndexInput):
 
     # ------------------------------------------------------------------ faiss-like API
     def train(self, x, niter: int = 25, seed: int = 1234, max_train_points: int | None = 65536,
-              opq_iterations: int = 20):
+              opq_iterations: int = 60):
         """Learn the (optional) OPQ rotation and the PQ centroids from x (n, d), n >= 2**nbits.
 
         niter: k-means iterations per subspace; opq_iterations: OPQ alternations (`train_opq`).
+        60 (faiss' OPQMatrix runs 50): on SciFact's MiniLM vectors 20 alternations left the
+        reconstruction error 8% / 3% above its converged value at 32x / 96x (60: within 1%
+        of 150), and JPQ started from the converged rotation scored higher on held-out training
+        queries on both splits tried (seeds 0 / 1: 32x 0.804 -> 0.808 / 0.820 -> 0.826, 96x
+        0.764 -> 0.774 / 0.776 -> 0.785; selection runs, test never read).
         """
         x = self._vectors("x", x)
         if x.shape[0] < self.K:
