@@ -28,7 +28,8 @@ queries, 64 leaves, M = 96, 2 threads: beam 3 / 6 / 12 took 80 / 169 / 304 ms), 
 a precomputed LUT (50 / 54 / 65 ms), where the (300, 96, 256) table (29 MB: the GEMM plus its
 transpose copy) and the per-query merge cost as much as the scan. Fused, with four documents'
 sums interleaved: 16 / 21 / 28 ms, 1.4-1.6x faiss IndexIVFPQ at the same nprobe (10 / 14 / 20 ms,
-same run; it was 2.4-3.3x): `python bench/tree_speed.py` (bench/results/tree_speed.md).
+same run; it was 2.4-3.3x); 1.2-1.5x once the tree's routing stopped computing its log-probabilities
+twice: `python bench/tree_speed.py` (bench/results/tree_speed.md has the current figures).
 """
 from __future__ import annotations
 
