@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import os
 import shutil
@@ -55,6 +56,8 @@ class BeirDataset:
             kept; metrics count a document as relevant when its relevance is > 0.
         name: the dataset's name (the folder name).
         path: the folder it was read from.
+        corpus_titles: each document's title, stripped ("" when it has none), in corpus order;
+            empty when the dataset was built without titles.
     """
 
     corpus_ids: list[str]
@@ -64,6 +67,7 @@ class BeirDataset:
     qrels: dict[str, dict[str, dict[str, int]]]
     name: str
     path: str
+    corpus_titles: list[str] = field(default_factory=list)
     _doc_rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
     _query_rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
     _fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False,
@@ -152,8 +156,8 @@ def load_beir(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | No
                 f"({', '.join(sorted(BEIR_DATASETS))})")
         folder = download_beir(name, cache_dir, base_url=base_url, progress=progress)
 
-    corpus_ids, corpus_texts = _read_jsonl(folder / "corpus.jsonl", title=True)
-    query_ids, query_texts = _read_jsonl(folder / "queries.jsonl", title=False)
+    corpus_ids, corpus_texts, corpus_titles = _read_jsonl(folder / "corpus.jsonl", title=True)
+    query_ids, query_texts, _ = _read_jsonl(folder / "queries.jsonl", title=False)
     if splits is None:
         files = sorted((folder / "qrels").glob("*.tsv"))
         if not files:
@@ -163,14 +167,29 @@ def load_beir(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | No
     known_docs, known_queries = set(corpus_ids), set(query_ids)
     qrels = {f.stem: _read_qrels(f, known_queries, known_docs) for f in files}
     return BeirDataset(corpus_ids, corpus_texts, query_ids, query_texts, qrels,
-                       name=folder.name, path=str(folder))
+                       name=folder.name, path=str(folder), corpus_titles=corpus_titles)
 
 
-def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str]]:
-    """Read (`_id`, text) pairs; with `title`, the text is `title + " " + text`."""
+def title_queries(dataset: BeirDataset, max_words: int = 32) -> list[str]:
+    """One label-free pseudo-query per document, in corpus order: its title, or for a document
+    without one the first sentence of its text (at most `max_words` words). Used by
+    `TrainConfig.pseudo_query_weight`: the document is the pseudo-query's one positive."""
+    titles = dataset.corpus_titles or [""] * len(dataset.corpus_ids)
+    out = []
+    for title, text in zip(titles, dataset.corpus_texts):
+        if not title:
+            first = re.split(r"(?<=[.!?])\s+|\n", text.strip(), maxsplit=1)[0]
+            title = " ".join(first.split()[:max_words])
+        out.append(title)
+    return out
+
+
+def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str], list[str]]:
+    """Read `_id`s, texts and titles; with `title`, the text is `title + " " + text` and the
+    titles are the stripped `title` fields (all "" without `title`)."""
     if not file.is_file():
         raise FileNotFoundError(f"missing BEIR file: {file}")
-    ids, texts, seen = [], [], set()
+    ids, texts, heads, seen = [], [], [], set()
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -188,7 +207,8 @@ def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str]]:
             seen.add(_id)
             ids.append(_id)
             texts.append(f"{head} {text}".strip() if head.strip() else text.strip())
-    return ids, texts
+            heads.append(head.strip())
+    return ids, texts, heads
 
 
 def _read_qrels(file: Path, known_queries: set[str],

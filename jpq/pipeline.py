@@ -8,13 +8,13 @@ import math
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import BeirDataset, load_beir
+from .data import BeirDataset, load_beir, title_queries
 from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
 from .index import PQIndex, anisotropic_codebooks
 from .metrics import evaluate
@@ -36,6 +36,17 @@ class Workspace:
     query_emb: np.ndarray  # (n_queries, d) float32, rows in queries order
     train_split: str
     test_split: str
+    cache_dir: Path = DEFAULT_CACHE
+    _pseudo_query_emb: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def pseudo_query_emb(self, progress: bool = True) -> np.ndarray:
+        """(n_docs, d) float32: each document's pseudo-query (`jpq.data.title_queries`) through
+        the frozen encoder, computed once and cached on disk beside the other embeddings."""
+        if self._pseudo_query_emb is None:
+            self._pseudo_query_emb = cached_embeddings(
+                self.encoder, title_queries(self.dataset), self.dataset.corpus_ids, self.cache_dir / "embeddings",
+                f"{self.dataset.name}-pseudo-queries", progress=progress)
+        return self._pseudo_query_emb
 
     @property
     def d(self) -> int:
@@ -117,7 +128,7 @@ def load_workspace(data: str, model: str = DEFAULT_MODEL, embeddings: str | None
                                     f"{dataset.name}-corpus", progress=progress)
         query_emb = cached_embeddings(encoder, dataset.query_texts, dataset.query_ids, cache,
                                       f"{dataset.name}-queries", progress=progress)
-    return Workspace(dataset, encoder, doc_emb, query_emb, train_split, test_split)
+    return Workspace(dataset, encoder, doc_emb, query_emb, train_split, test_split, cache_dir=Path(cache_dir))
 
 
 def m_for_ratio(d: int, ratio: float, nbits: int = 8) -> int:
@@ -163,12 +174,14 @@ def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir
     encoder and the index, so runs never leak into each other."""
     t0 = time.perf_counter()
     rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
+    pseudo = (ws.pseudo_query_emb(progress=progress)
+              if config.pseudo_query_weight > 0 and config.mode in ("jpq", "centroids") else None)
 
     def make(cfg: TrainConfig, out: Path | None) -> JPQTrainer:
         encoder = copy.deepcopy(ws.encoder) if cfg.mode in ("jpq", "encoder") else None
         return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
                           query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
-                          out_dir=out, progress=progress)
+                          out_dir=out, progress=progress, pseudo_queries=pseudo)
 
     trainer, selected = fit_and_refit(make, config, out_dir, resume=resume)
     return trainer, time.perf_counter() - t0, selected.state

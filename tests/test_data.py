@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jpq.data import BeirDataset, download_beir, load_beir
+from jpq.data import BeirDataset, download_beir, load_beir, title_queries
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
 
@@ -43,6 +43,7 @@ def test_load_tiny(tmp_path, caplog):
     assert ds.name == "tiny" and ds.path == str(root)
     assert ds.corpus_ids == ["d1", "d2", "d3"]
     assert ds.corpus_texts == ["Title one Body one.", "no title here", "missing title key"]
+    assert ds.corpus_titles == ["Title one", "", ""]
     assert ds.query_ids == ["q1", "q2", "q3"] and ds.query_texts == ["first?", "second", "third"]
     # Score-0 rows stay in qrels (metrics decide relevance); unknown ids are dropped.
     assert ds.qrels == {"test": {"q2": {"d1": 1}, "q1": {"d2": 2, "d3": 0}},
@@ -53,6 +54,18 @@ def test_load_tiny(tmp_path, caplog):
     assert ds.split_query_ids("train") == ["q3"]
     with pytest.raises(ValueError, match="split='dev'"):
         ds.split_query_ids("dev")
+
+
+def test_title_queries_take_the_title_else_the_first_sentence(tmp_path):
+    corpus = CORPUS + [{"_id": "d4", "title": "  ", "text": "First claim holds!  Second one.\nThird"},
+                       {"_id": "d5", "text": "word " * 50}]
+    ds = load_beir(write_beir(tmp_path / "t", corpus=corpus))
+    assert title_queries(ds) == ["Title one", "no title here", "missing title key", "First claim holds!",
+                                 " ".join(["word"] * 32)]
+    assert title_queries(ds, max_words=2)[3] == "First claim"
+    # a dataset built without titles uses the first sentences
+    bare = BeirDataset(["a"], ["One. Two."], [], [], {}, "bare", "-")
+    assert title_queries(bare) == ["One."]
 
 
 def test_index_lookups(tmp_path):

@@ -38,7 +38,7 @@ def synthetic_task(seed=0, n_docs=600, n_queries=240, d=16):
     return X, Q.astype(np.float32), ids, qrels
 
 
-def make_trainer(mode="jpq", out_dir=None, epochs=4, seed=0, **kw):
+def make_trainer(mode="jpq", out_dir=None, epochs=4, seed=0, pseudo_queries=None, **kw):
     X, Q, ids, qrels = synthetic_task(seed)
     index = None
     if mode != "encoder":
@@ -50,7 +50,7 @@ def make_trainer(mode="jpq", out_dir=None, epochs=4, seed=0, **kw):
                       lr_centroids=5e-3, patience=epochs, seed=seed, **kw)
     return JPQTrainer(cfg, X, index, ids, qrels, query_texts={q: q for q in ids},
                       query_embeddings={q: Q[i] for i, q in enumerate(ids)}, encoder=enc,
-                      out_dir=out_dir, progress=False)
+                      out_dir=out_dir, progress=False, pseudo_queries=pseudo_queries)
 
 
 @pytest.mark.parametrize("mode", ["jpq", "encoder", "centroids"])
@@ -433,3 +433,97 @@ def test_resume_may_change_the_device_field(tmp_path):
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert ck["model"]["centroids"].device.type == "cpu"
     assert all(v.device.type == "cpu" for v in ck["model"]["encoder"].values())
+
+
+def _pseudo_hits(trainer, P, rows):
+    """Share of documents `rows` that their own pseudo-query ranks first in the current index."""
+    _, I = trainer.search(torch.from_numpy(P[rows]), 1)
+    return float((I[:, 0] == rows).mean())
+
+
+def test_pseudo_query_term_trains_the_centroids_toward_documents_no_query_points_to():
+    """Each document's pseudo-query (here a fixed distortion of it, as a title is of its
+    abstract) with its own document as the positive: the term should make the trained index rank
+    documents that no training query points to first for their pseudo-queries more often."""
+    X, _, _, qrels = synthetic_task(0)
+    rng = np.random.default_rng(7)
+    B = np.eye(X.shape[1], dtype=np.float32) + 0.3 * rng.standard_normal((X.shape[1],) * 2).astype(np.float32)
+    P = (X @ B.T).astype(np.float32)
+    positives = {d for rel in qrels.values() for d in rel}
+    others = np.array([i for i in range(len(X)) if i not in positives])
+
+    def trained(weight):
+        t = make_trainer("centroids", epochs=4, unseen_guard=False, val_fraction=0.0,
+                         pseudo_query_weight=weight, pseudo_queries_per_step=64, pseudo_queries=P)
+        assert (t.pseudo_queries is None) == (weight == 0)
+        t.fit()
+        return t
+
+    base = make_trainer("centroids", epochs=4)
+    start = _pseudo_hits(base, P, others)
+    off, on = _pseudo_hits(trained(0.0), P, others), _pseudo_hits(trained(3.0), P, others)
+    assert on > max(off, start) + 0.05, (start, off, on)
+
+
+def test_pseudo_query_inputs_are_validated_and_resume_replays_the_same_draws(tmp_path):
+    X, Q, ids, qrels = synthetic_task(0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="pseudo_query_weight"):
+            TrainConfig(pseudo_query_weight=bad)
+    with pytest.raises(ValueError, match="pseudo_queries_per_step"):
+        TrainConfig(pseudo_queries_per_step=0)
+    with pytest.raises(ValueError, match="needs pseudo_queries"):
+        make_trainer("jpq", pseudo_query_weight=1.0)
+    index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip")
+    index.train(X, niter=5)
+    index.add(X)
+    cfg = TrainConfig(mode="centroids", pseudo_query_weight=1.0)
+    with pytest.raises(ValueError, match="one row per document"):
+        JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
+                   progress=False, pseudo_queries=X[:10])
+    # mode "encoder" has no centroids for the term to train: pseudo-queries are not needed
+    assert make_trainer("encoder", pseudo_query_weight=1.0).pseudo_queries is None
+    # torch input, and a resumed run equals an uninterrupted one with the term on
+    P = torch.from_numpy(X[:, ::-1].copy())
+    full = make_trainer("jpq", out_dir=tmp_path / "full", epochs=3, pseudo_query_weight=1.0, pseudo_queries=P)
+    full.fit()
+    assert all(h["pseudo"] > 0 for h in full.state.history[1:])
+    make_trainer("jpq", out_dir=tmp_path / "cut", epochs=3, pseudo_query_weight=1.0,
+                 pseudo_queries=P).fit(stop_after_epoch=1)
+    resumed = make_trainer("jpq", out_dir=tmp_path / "cut", epochs=3, pseudo_query_weight=1.0, pseudo_queries=P)
+    resumed.fit(resume=True)
+    assert [h["val"] for h in resumed.state.history] == [h["val"] for h in full.state.history]
+    torch.testing.assert_close(resumed.centroids, full.centroids, rtol=0, atol=0)
+
+
+def test_train_run_embeds_the_pseudo_queries_once_and_hands_them_to_every_trainer(tmp_path):
+    from types import SimpleNamespace
+
+    from jpq.pipeline import train_run
+
+    ws = toy_workspace()
+    ws.dataset.corpus_titles = [f"title {i}" for i in range(len(ws.doc_emb))]
+    calls = []
+
+    class StubEncoder:  # the frozen encoder's interface that cached_embeddings reads
+        name, dim, model = "stub", 16, SimpleNamespace(max_seq_length=8)
+
+        def encode(self, texts):
+            calls.append(list(texts))
+            return np.stack([ws.doc_emb[int(t.split()[1])] * 2 for t in texts]).astype(np.float32)
+
+    ws.encoder, ws.cache_dir = StubEncoder(), tmp_path / "cache"
+    index = jpq.PQIndex(16, 4, nbits=4, metric="ip")
+    index.train(ws.doc_emb, niter=10, seed=0)
+    index.add(ws.doc_emb)
+    cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, patience=2,
+                      pseudo_query_weight=1.0, unseen_guard=False)
+    trainer, _, selection = train_run(ws, cfg, index, tmp_path / "run", progress=False)
+    assert sum(len(c) for c in calls) == len(ws.doc_emb)  # every title, once
+    np.testing.assert_array_equal(trainer.pseudo_queries.numpy(), ws.doc_emb * 2)
+    assert "pseudo" in trainer.state.history[-1]
+    # cached on disk: a second workspace does not encode again
+    ws2 = toy_workspace()
+    ws2.dataset.corpus_titles, ws2.encoder, ws2.cache_dir = ws.dataset.corpus_titles, StubEncoder(), ws.cache_dir
+    np.testing.assert_array_equal(ws2.pseudo_query_emb(progress=False), ws.doc_emb * 2)
+    assert sum(len(c) for c in calls) == len(ws.doc_emb)
