@@ -225,7 +225,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what, not where
+        if args.verbose:
+            raise
+        print(f"jpq {args.func.__name__.removeprefix('cmd_')}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -35,11 +35,48 @@ def _record(method, ratio, M, metrics, seconds, **extra):
             "train_seconds": round(float(seconds), 2), **extra}
 
 
+def _settings(ws, config: TrainConfig, centroid_lrs) -> dict:
+    """What the records in a demo folder depend on, besides the ratio: the training configuration
+    (less the fields a resumed run may change, e.g. the device), the centroid rates tried, the
+    encoder and the dataset's corpus and queries."""
+    cfg = {k: v for k, v in asdict(config).items() if k not in TrainConfig.RESUME_FREE_FIELDS}
+    return {"config": json.loads(json.dumps(cfg)), "centroid_lrs": [float(x) for x in centroid_lrs],
+            "encoder": str(getattr(ws.encoder, "name", type(ws.encoder).__name__)),
+            "dataset": ws.dataset.fingerprint("all")}
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Finished rows in out_dir are reused only by a demo with the same settings: write them on the
+    first start, refuse a different run in the same folder (its rows would mix with these). A
+    folder written before settings.json existed is taken to hold the current settings."""
+    path = out_dir / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted({*_flat(old).items()} ^ {*_flat(settings).items()})
+            keys = sorted({k for k, _ in diff})
+            raise ValueError(f"{out_dir} holds demo results made with other settings ({', '.join(keys)} "
+                             f"differ): pass the same options to resume it, or a fresh --out")
+        return
+    atomic_write_json(path, settings)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v)
+    return out
+
+
 def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | None = None, seed: int = 0,
              progress: bool = True, centroid_lrs=DEFAULT_CENTROID_LRS) -> list[dict]:
     """Run every method at every ratio; returns the records (also written to out_dir)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig(seed=seed)
+    _check_settings(out_dir, _settings(ws, config, centroid_lrs))
     partial_path = out_dir / "partial.json"
     done = {(r["method"], r["ratio"]): r for r in json.loads(partial_path.read_text())} if partial_path.exists() else {}
     test_ids = ws.test_ids()

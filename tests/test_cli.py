@@ -31,6 +31,11 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
     proc = subprocess.run(cmd + ["--device", "auto"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == records
+    # another configuration in the same folder would mix its rows with these: refused, nothing changed
+    proc = subprocess.run(cmd + ["--pseudo-query-weight", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2 and "other settings (config.pseudo_query_weight differ)" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert json.loads((out / "results.json").read_text()) == records
     # `jpq index` builds a post-hoc index from the same cache, also with anisotropic codebooks (4-bit
     # codes: with 256 centroids for 300 documents there is hardly an error to shape)
     from jpq import PQIndex
