@@ -27,8 +27,12 @@ def main(argv=None):
     ap.add_argument("--demo", required=True, help="the --out folder of a finished `jpq demo`")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
     ap.add_argument("--out", default=None, help="markdown file (default: DEMO/unseen.md)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the demo's seed, for its PQ / OPQ rows (default: DEMO/settings.json's, else 0)")
     args = ap.parse_args(argv)
+    if args.seed is None:
+        settings = Path(args.demo) / "settings.json"
+        args.seed = int(json.loads(settings.read_text())["config"]["seed"]) if settings.exists() else 0
 
     from jpq.index import PQIndex
     from jpq.metrics import mean_over_queries, per_query
