@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.error

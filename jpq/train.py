@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .index import PQIndex, anisotropic_codebooks, check_eta, query_aware_codebooks
 from .kernels import adc_topk, build_lut
+from .kernels.arrays import to_numpy_f32
 from .metrics import evaluate
 from .metrics import per_query as per_query_metrics
 from .storage import atomic_torch_save, atomic_write_json
@@ -509,12 +510,11 @@ class JPQTrainer(Checkpointing):
             if pseudo_queries is None:
                 raise ValueError("pseudo_query_weight > 0 needs pseudo_queries: an (N, d) array, row i a "
                                  "pseudo-query of document i (e.g. jpq.data.title_queries through the encoder)")
-            pq_vectors = np.asarray(pseudo_queries.detach().cpu() if torch.is_tensor(pseudo_queries)
-                                    else pseudo_queries)
+            pq_vectors = to_numpy_f32(pseudo_queries)
             if pq_vectors.shape != self.X.shape:
                 raise ValueError(f"pseudo_queries must have shape {self.X.shape} (one row per document), "
                                  f"got {pq_vectors.shape}")
-            self.pseudo_queries = torch.from_numpy(np.ascontiguousarray(pq_vectors, dtype=np.float32)).to(dev)
+            self.pseudo_queries = torch.from_numpy(pq_vectors).to(dev)
         self._text_length = None  # query id -> length, for bucket_by_length
 
     # ------------------------------------------------------------------ embeddings
@@ -603,26 +603,33 @@ class JPQTrainer(Checkpointing):
 
     # ------------------------------------------------------------------ one step
     def _candidates(self, ids, q):
-        """(B, P) candidate rows: positives first (padded by repetition), then hard negatives."""
-        n_pos = max(len(self.qrels[i]) for i in ids)
+        """(B, P) candidate rows of training queries `ids` (see `_candidates_for`)."""
+        return self._candidates_for([list(self.qrels[i]) for i in ids], q)
+
+    def _candidates_for(self, positives: list[list[int]], q):
+        """(B, P) candidate rows for query vectors q: each query's positive rows first (padded by
+        repetition), then its hard negatives from the current index; with the positive and valid
+        masks."""
+        n_pos = max(len(pos) for pos in positives)
         _, I = self.search(q, self.cfg.negatives + n_pos)
-        B = len(ids)
+        B = len(positives)
         P = n_pos + self.cfg.negatives
         cand = np.zeros((B, P), np.int64)
         pos_mask = np.zeros((B, P), bool)
         valid = np.zeros((B, P), bool)
-        for b, qid in enumerate(ids):
-            pos = list(self.qrels[qid])
+        for b, pos in enumerate(positives):
             cand[b, :n_pos] = (pos * n_pos)[:n_pos]
             pos_mask[b, : len(pos)] = True
             valid[b, : len(pos)] = True
-            negs = [d for d in I[b] if d >= 0 and d not in self.qrels[qid]][: self.cfg.negatives]
+            excluded = set(pos)
+            negs = [d for d in I[b] if d >= 0 and d not in excluded][: self.cfg.negatives]
             cand[b, n_pos : n_pos + len(negs)] = negs
             valid[b, n_pos : n_pos + len(negs)] = True
         return cand, torch.from_numpy(pos_mask).to(self.device), torch.from_numpy(valid).to(self.device)
 
-    def _scores(self, q, cand):
-        """(B, P) scores of q against the candidate documents, and the reconstruction loss."""
+    def _scores(self, q, cand, recon: bool = True):
+        """(B, P) scores of q against the candidate documents, and the reconstruction loss of the
+        candidates (zero without `recon`)."""
         dev = self.device
         if self.index is None:
             docs = self.X_t[torch.from_numpy(cand).to(dev)]  # (B, P, d)
@@ -631,14 +638,14 @@ class JPQTrainer(Checkpointing):
 
         uniq, inv = np.unique(cand, return_inverse=True)
         uniq = torch.from_numpy(uniq).to(dev)
-        codes = self.codes[uniq]
-        x = self.X_t[uniq]
-        if self.rotation is not None:
-            x = x @ self.rotation.T
-        scores, recon = quantize_and_score(self._rotate(q), self.centroids, codes=codes, x=x,
-                                           doc_index=torch.from_numpy(inv.reshape(cand.shape)).to(dev),
+        doc_index = torch.from_numpy(inv.reshape(cand.shape)).to(dev)
+        if not recon:
+            scores = quantize_and_score(self._rotate(q), self.centroids, codes=self.codes[uniq], doc_index=doc_index)
+            return scores, torch.zeros((), device=dev)
+        scores, error = quantize_and_score(self._rotate(q), self.centroids, codes=self.codes[uniq],
+                                           x=self._rotate(self.X_t[uniq]), doc_index=doc_index,
                                            return_recon_error=True)
-        return scores, recon.mean()
+        return scores, error.mean()
 
     def step(self, ids: list[str]) -> dict:
         q = self._queries(ids, grad=self.train_encoder)
@@ -667,28 +674,12 @@ class JPQTrainer(Checkpointing):
         `_corpus_recon`'s, so a resumed run draws the same ones."""
         if self.pseudo_queries is None:
             return None
-        from .kernels import quantize_and_score
-
         n = min(self.cfg.pseudo_queries_per_step, len(self.X))
         rows = torch.randperm(len(self.X))[:n]  # drawn on the CPU: same rows on every device
         q = self.pseudo_queries[rows.to(self.device)]
-        _, I = self.search(q, self.cfg.negatives + 1)
-        P = self.cfg.negatives + 1
-        cand = np.zeros((n, P), np.int64)
-        valid = np.zeros((n, P), bool)
-        for b, d in enumerate(rows.tolist()):
-            negs = I[b][(I[b] >= 0) & (I[b] != d)][: self.cfg.negatives]
-            cand[b, 0] = d
-            cand[b, 1 : 1 + len(negs)] = negs
-            valid[b, : 1 + len(negs)] = True
-        pos_mask = np.zeros((n, P), bool)
-        pos_mask[:, 0] = True
-        uniq, inv = np.unique(cand, return_inverse=True)
-        scores = quantize_and_score(self._rotate(q), self.centroids,
-                                    codes=self.codes[torch.from_numpy(uniq).to(self.device)],
-                                    doc_index=torch.from_numpy(inv.reshape(cand.shape)).to(self.device))
-        return ce_loss(self.cfg.scale * scores, torch.from_numpy(pos_mask).to(self.device),
-                       torch.from_numpy(valid).to(self.device))
+        cand, pos_mask, valid = self._candidates_for([[d] for d in rows.tolist()], q)
+        scores, _ = self._scores(q, cand, recon=False)
+        return ce_loss(self.cfg.scale * scores, pos_mask, valid)
 
     def _corpus_recon(self) -> torch.Tensor | None:
         """Mean squared reconstruction error of corpus_recon_docs random documents under the
