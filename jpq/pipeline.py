@@ -18,7 +18,7 @@ from .data import BeirDataset, load_beir, title_queries
 from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
 from .index import PQIndex, anisotropic_codebooks
 from .metrics import evaluate
-from .train import JPQTrainer, TrainConfig, fit_and_refit, resolve_device
+from .train import JPQTrainer, TrainConfig, fit_and_refit, refit_selected, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -162,29 +162,50 @@ def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: l
     return evaluate((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
 
 
+def _trainer_factory(ws: Workspace, index: PQIndex | None, progress: bool):
+    """make(config, out_dir) -> a JPQTrainer on ws with fresh copies of the encoder and the index,
+    so runs never leak into each other."""
+    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
+
+    def make(cfg: TrainConfig, out: Path | None) -> JPQTrainer:
+        pseudo = (ws.pseudo_query_emb(progress=progress)
+                  if cfg.pseudo_query_weight > 0 and cfg.mode in ("jpq", "centroids") else None)
+        encoder = copy.deepcopy(ws.encoder) if cfg.mode in ("jpq", "encoder") else None
+        return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
+                          query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
+                          out_dir=out, progress=progress, pseudo_queries=pseudo)
+
+    return make
+
+
 def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir: Path | None,
-              resume: bool = True, progress: bool = True):
+              resume: bool = True, progress: bool = True, select_only: bool = False):
     """One training run; returns (trainer, seconds, selection).
 
     The run selects its epoch count on held-out training queries (`selection`: the TrainState of
     that run, with `best_epoch` and `best_score`). With `config.refit` (the default) a second
     trainer then starts again from the same initial state and trains on all training queries for
     `best_epoch` epochs, in `out_dir/refit`; that one is returned. When epoch 0 (the initial
-    state) wins the selection, nothing is retrained. Every trainer gets fresh copies of the
-    encoder and the index, so runs never leak into each other."""
+    state) wins the selection, nothing is retrained. With `select_only` the selection trainer is
+    returned as it is (`refit_run` refits it later, e.g. once it has won against other runs).
+    Every trainer gets fresh copies of the encoder and the index, so runs never leak into each other."""
     t0 = time.perf_counter()
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    pseudo = (ws.pseudo_query_emb(progress=progress)
-              if config.pseudo_query_weight > 0 and config.mode in ("jpq", "centroids") else None)
-
-    def make(cfg: TrainConfig, out: Path | None) -> JPQTrainer:
-        encoder = copy.deepcopy(ws.encoder) if cfg.mode in ("jpq", "encoder") else None
-        return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
-                          query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
-                          out_dir=out, progress=progress, pseudo_queries=pseudo)
-
+    make = _trainer_factory(ws, index, progress)
+    if select_only:
+        trainer = make(config, out_dir)
+        trainer.fit(resume=resume)
+        return trainer, time.perf_counter() - t0, trainer.state
     trainer, selected = fit_and_refit(make, config, out_dir, resume=resume)
     return trainer, time.perf_counter() - t0, selected.state
+
+
+def refit_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir: Path | None,
+              selected: JPQTrainer, resume: bool = True, progress: bool = True):
+    """The refit step of `train_run` for a selection trainer from `train_run(..., select_only=True)`
+    with the same config, index and out_dir; returns (trainer, seconds)."""
+    t0 = time.perf_counter()
+    trainer = refit_selected(_trainer_factory(ws, index, progress), config, selected, out_dir, resume=resume)
+    return trainer, time.perf_counter() - t0
 
 
 def selection_summary(selection, trainer) -> dict:

@@ -290,23 +290,29 @@ def pairwise_loss(logits: torch.Tensor, pos_mask: torch.Tensor, valid: torch.Ten
 
 # --------------------------------------------------------------------------- refit
 def fit_and_refit(make_trainer, config, out_dir: str | Path | None, resume: bool = True):
-    """Fit `make_trainer(config, out_dir)` (epochs selected on its held-out queries). With
-    `config.refit`, when it has held-out queries and a trained epoch won, fit a second trainer,
-    `make_trainer(config with val_fraction=0 and epochs=best_epoch, out_dir/"refit")`, which
-    starts again from the same initial state and trains on all training queries. For any config
-    with `refit`, `val_fraction` and `epochs` (TrainConfig, TreeConfig).
+    """Fit `make_trainer(config, out_dir)` (epochs selected on its held-out queries), then
+    `refit_selected` it. For any config with `refit`, `val_fraction` and `epochs` (TrainConfig,
+    TreeConfig).
 
     Returns (final trainer, selection trainer): the same object when nothing was refit."""
     selected = make_trainer(config, out_dir)
     selected.fit(resume=resume)
+    return refit_selected(make_trainer, config, selected, out_dir, resume=resume), selected
+
+
+def refit_selected(make_trainer, config, selected, out_dir: str | Path | None, resume: bool = True):
+    """With `config.refit`, when `selected` (a fitted trainer of `config`) has held-out queries and a
+    trained epoch won, fit a second trainer, `make_trainer(config with val_fraction=0 and
+    epochs=best_epoch, out_dir/"refit")`, which starts again from the same initial state and trains
+    on all training queries, and return it; else return `selected`."""
     best = selected.state.best_epoch
     if not (config.refit and selected.val_ids and best > 0):
-        return selected, selected
+        return selected
     log.info("refit: %d epochs on all %d training queries", best, len(selected.train_ids) + len(selected.val_ids))
     final = make_trainer(dataclasses.replace(config, val_fraction=0.0, epochs=best),
                          None if out_dir is None else Path(out_dir) / "refit")
     final.fit(resume=resume)
-    return final, selected
+    return final
 
 
 # --------------------------------------------------------------------------- trainer

@@ -207,7 +207,7 @@ def toy_workspace(seed=0):
 
 
 def test_train_run_refits_on_all_training_queries_for_the_selected_epochs(tmp_path):
-    from jpq.pipeline import train_run
+    from jpq.pipeline import refit_run, train_run
 
     ws = toy_workspace()
     index = jpq.PQIndex(16, 4, nbits=4, metric="ip")
@@ -230,6 +230,14 @@ def test_train_run_refits_on_all_training_queries_for_the_selected_epochs(tmp_pa
     # without refit the selected run itself comes back
     plain, _, sel3 = train_run(ws, TrainConfig(**{**cfg.__dict__, "refit": False}), index, None, progress=False)
     assert plain.state is sel3 and len(plain.val_ids) > 0
+    # in two steps (the demo refits only the run that won its selection): the same models
+    selected, _, sel4 = train_run(ws, cfg, index, tmp_path / "two", progress=False, select_only=True)
+    assert selected.state is sel4 and sel4.best_epoch == selection.best_epoch
+    assert not (tmp_path / "two" / "refit").exists()
+    torch.testing.assert_close(selected.centroids, plain.centroids, rtol=0, atol=0)
+    final, secs = refit_run(ws, cfg, index, tmp_path / "two", selected, progress=False)
+    assert final.state is not sel4 and final.val_ids == [] and secs > 0
+    torch.testing.assert_close(final.centroids, trainer.centroids, rtol=0, atol=0)
 
 
 def test_unseen_guard_blocks_epochs_that_lose_on_unseen_held_out_queries():
