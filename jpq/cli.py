@@ -27,11 +27,11 @@ def _common(p, data_required: bool = True):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _train_args(p):
+def _train_args(p, skip=()):
     from .train import TrainConfig
 
     for f in fields(TrainConfig):
-        if f.name == "mode":
+        if f.name == "mode" or f.name in skip:
             continue
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
@@ -58,6 +58,13 @@ def _workspace(args):
                           device=getattr(args, "device", "cpu"))  # --device: train and demo (TrainConfig)
 
 
+def _floats(text: str, flag: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
 def cmd_demo(args):
     ratios = [float(r) if "." in r else int(r) for r in args.ratios.split(",")]
     t0 = time.perf_counter()
@@ -78,9 +85,10 @@ def cmd_demo(args):
     else:
         from .demo import results_table, run_demo
 
-        lrs = tuple(float(v) for v in args.centroid_lrs.split(","))
+        lrs = _floats(args.centroid_lrs, "--centroid-lrs")
+        weights = _floats(args.pseudo_query_weights, "--pseudo-query-weights")
         records = run_demo(ws, out, ratios=ratios, config=_config(args, mode="jpq"), seed=args.seed,
-                           progress=not args.quiet, centroid_lrs=lrs)
+                           progress=not args.quiet, centroid_lrs=lrs, pseudo_query_weights=weights)
         print(results_table(records, ws.dataset.name))
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out}/results.json")
 
@@ -165,21 +173,26 @@ def cmd_search(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="jpq", description="PQ kernels and JPQ training for dense retrieval")
+    # no abbreviated flags: `--pseudo-query-weight` must not quietly become the demo's `--pseudo-query-weights`
+    p = argparse.ArgumentParser(prog="jpq", description="PQ kernels and JPQ training for dense retrieval",
+                                allow_abbrev=False)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="the quality-vs-compression table on a BEIR folder")
+    d = sub.add_parser("demo", allow_abbrev=False, help="the quality-vs-compression table on a BEIR folder")
     _common(d, data_required=False)
     d.add_argument("--out", required=True)
     d.add_argument("--ratios", default="16,32,64,96", help="compression ratios (default: %(default)s)")
     d.add_argument("--index", choices=("pq", "tree"), default="pq")
     d.add_argument("--centroid-lrs", default="0.0001,0.001",
                    help="centroid learning rates tried on held-out validation (default: %(default)s)")
-    _train_args(d)
+    d.add_argument("--pseudo-query-weights", default="0,1",
+                   help="pseudo-query weights tried with each rate on held-out validation; 0 = off "
+                        "(default: %(default)s)")
+    _train_args(d, skip=("lr_centroids", "pseudo_query_weight"))  # the demo chooses these
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="JPQ training (or the tree index with --index tree)")
+    t = sub.add_parser("train", allow_abbrev=False, help="JPQ training (or the tree index with --index tree)")
     _common(t)
     t.add_argument("--out", required=True)
     t.add_argument("--mode", choices=("jpq", "centroids", "encoder"), default="jpq")
@@ -190,7 +203,7 @@ def build_parser():
     _train_args(t)
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("index", help="build a (post-hoc) PQ/OPQ index of the corpus")
+    i = sub.add_parser("index", allow_abbrev=False, help="build a (post-hoc) PQ/OPQ index of the corpus")
     _common(i)
     i.add_argument("--out", required=True)
     i.add_argument("--M", type=int, default=None)
@@ -203,13 +216,13 @@ def build_parser():
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_index)
 
-    e = sub.add_parser("eval", help="test-split metrics of an index (exact search without --index)")
+    e = sub.add_parser("eval", allow_abbrev=False, help="test-split metrics of an index (exact search without --index)")
     _common(e)
     e.add_argument("--index", default=None)
     e.add_argument("--encoder", default=None, help="a trained query encoder folder (from jpq train)")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("search", help="search an index with query texts")
+    s = sub.add_parser("search", allow_abbrev=False, help="search an index with query texts")
     s.add_argument("--index", required=True)
     s.add_argument("--query", action="append", required=True)
     s.add_argument("--k", type=int, default=10)

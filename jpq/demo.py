@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 from .storage import atomic_write_json
-from .pipeline import EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, selection_summary, train_run
+from .pipeline import (EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, refit_run, selection_summary,
+                       train_run)
 from .train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,14 @@ DEFAULT_RATIOS = (16, 32, 64, 96)
 # the best held-out validation score is used for JPQ full too. JPQ's own rates (1e-4 or lower)
 # come first: a larger one is taken only when validation says it generalises.
 DEFAULT_CENTROID_LRS = (1e-4, 1e-3)
+# Pseudo-query weights (`TrainConfig.pseudo_query_weight`) tried alongside each rate: the term acts
+# on the centroids only, so the same cheap runs choose it (ties: the smaller weight). On SciFact's
+# held-out train queries (bench/results/pseudo_query_selection.md, three splits) they chose 1 at
+# 96x on every split, where documents no training query points to lose most and JPQ full's
+# held-out score then rose by 0.010-0.024; elsewhere the choice moved JPQ full by at most 0.002.
+DEFAULT_PSEUDO_QUERY_WEIGHTS = (0.0, 1.0)
+# what the demo chooses itself: these TrainConfig fields are not read from its config
+DEMO_CHOSEN_FIELDS = ("lr_centroids", "pseudo_query_weight")
 
 
 def _record(method, ratio, M, metrics, seconds, **extra):
@@ -35,20 +44,23 @@ def _record(method, ratio, M, metrics, seconds, **extra):
             "train_seconds": round(float(seconds), 2), **extra}
 
 
-def _settings(ws, config: TrainConfig, centroid_lrs) -> dict:
+def _settings(ws, config: TrainConfig, centroid_lrs, pseudo_query_weights) -> dict:
     """What the records in a demo folder depend on, besides the ratio: the training configuration
-    (less the fields a resumed run may change, e.g. the device), the centroid rates tried, the
-    encoder and the dataset's corpus and queries."""
-    cfg = {k: v for k, v in asdict(config).items() if k not in TrainConfig.RESUME_FREE_FIELDS}
+    (less the fields a resumed run may change, e.g. the device, and those the demo chooses), the
+    centroid rates and pseudo-query weights tried, the encoder and the dataset's corpus and queries."""
+    cfg = {k: v for k, v in asdict(config).items()
+           if k not in TrainConfig.RESUME_FREE_FIELDS and k not in DEMO_CHOSEN_FIELDS}
     return {"config": json.loads(json.dumps(cfg)), "centroid_lrs": [float(x) for x in centroid_lrs],
+            "pseudo_query_weights": [float(x) for x in pseudo_query_weights],
             "encoder": str(getattr(ws.encoder, "name", type(ws.encoder).__name__)),
             "dataset": ws.dataset.fingerprint("all")}
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Finished rows in out_dir are reused only by a demo with the same settings: write them on the
-    first start, refuse a different run in the same folder (its rows would mix with these). A
-    folder written before settings.json existed is taken to hold the current settings."""
+    first start, refuse a different run in the same folder (its rows would mix with these). Rows
+    without a settings.json (written by a jpq before it kept one) are refused too: what made them
+    is unknown."""
     path = out_dir / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -58,6 +70,9 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
             raise ValueError(f"{out_dir} holds demo results made with other settings ({', '.join(keys)} "
                              f"differ): pass the same options to resume it, or a fresh --out")
         return
+    if (out_dir / "partial.json").exists():
+        raise ValueError(f"{out_dir} holds demo results without a settings.json (from an older jpq), so "
+                         f"what made them is unknown: use a fresh --out")
     atomic_write_json(path, settings)
 
 
@@ -72,11 +87,23 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | None = None, seed: int = 0,
-             progress: bool = True, centroid_lrs=DEFAULT_CENTROID_LRS) -> list[dict]:
-    """Run every method at every ratio; returns the records (also written to out_dir)."""
+             progress: bool = True, centroid_lrs=DEFAULT_CENTROID_LRS,
+             pseudo_query_weights=DEFAULT_PSEUDO_QUERY_WEIGHTS) -> list[dict]:
+    """Run every method at every ratio; returns the records (also written to out_dir).
+
+    Per ratio, centroids-only runs try every centroid rate in `centroid_lrs` with every weight in
+    `pseudo_query_weights`; the pair with the best held-out score (ties: the smaller weight, then
+    the gentler rate) is the jpq-centroids row and is used for JPQ full. So `config.lr_centroids`
+    and `config.pseudo_query_weight` are not read: pass one-element tuples to fix them."""
+    centroid_lrs, pseudo_query_weights = tuple(centroid_lrs), tuple(pseudo_query_weights)
+    for name, values in (("centroid_lrs", centroid_lrs), ("pseudo_query_weights", pseudo_query_weights)):
+        if not values or not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+            raise ValueError(f"{name} must be a non-empty sequence of numbers >= 0, got {values!r}")
+    if not all(v > 0 for v in centroid_lrs):
+        raise ValueError(f"centroid_lrs must be > 0, got {centroid_lrs!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig(seed=seed)
-    _check_settings(out_dir, _settings(ws, config, centroid_lrs))
+    _check_settings(out_dir, _settings(ws, config, centroid_lrs, pseudo_query_weights))
     partial_path = out_dir / "partial.json"
     done = {(r["method"], r["ratio"]): r for r in json.loads(partial_path.read_text())} if partial_path.exists() else {}
     test_ids = ws.test_ids()
@@ -110,27 +137,33 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
                              time.perf_counter() - t0, bytes_per_vector=M, exact_ratio=true_ratio))
         if ("jpq-centroids", ratio) not in done:
             runs = []
-            for lr in centroid_lrs:
-                cfg = TrainConfig(**{**asdict(config), "mode": "centroids", "lr_centroids": lr})
-                trainer, secs, sel = train_run(ws, cfg, indexes["opq"],
-                                               out_dir / "checkpoints" / f"jpq-centroids-{ratio}-lr{lr:g}",
-                                               progress=progress)
-                runs.append((sel.best_score, -lr, trainer, secs, sel))
-            _, neg_lr, trainer, _, sel = max(runs, key=lambda r: r[:2])  # ties: the gentler rate
+            for w in pseudo_query_weights:
+                for lr in centroid_lrs:
+                    cfg = TrainConfig(**{**asdict(config), "mode": "centroids", "lr_centroids": lr,
+                                         "pseudo_query_weight": w})
+                    name = f"jpq-centroids-{ratio}-lr{lr:g}" + (f"-w{w:g}" if w else "")
+                    selected, secs, sel = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / name,
+                                                    progress=progress, select_only=True)
+                    runs.append((sel.best_score, -w, -lr, selected, secs, sel, cfg, name))
+            # ties: the smaller weight, then the gentler rate; only the chosen run is refit
+            _, neg_w, neg_lr, selected, _, sel, cfg, name = max(runs, key=lambda r: r[:3])
+            trainer, refit_secs = refit_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / name, selected,
+                                            progress=progress)
             index = trainer.trained_index()
             keep(_record("jpq-centroids", ratio, M, evaluate_vectors(ws, q_test, index, test_ids),
-                         sum(r[3] for r in runs), bytes_per_vector=M, exact_ratio=true_ratio,
-                         lr_centroids=-neg_lr, **selection_summary(sel, trainer)))
+                         sum(r[4] for r in runs) + refit_secs, bytes_per_vector=M, exact_ratio=true_ratio,
+                         lr_centroids=-neg_lr, pseudo_query_weight=-neg_w, **selection_summary(sel, trainer)))
             index.save(out_dir / "checkpoints" / f"jpq-centroids-{ratio}.jpq")
         if ("jpq", ratio) not in done:
-            lr = done[("jpq-centroids", ratio)].get("lr_centroids", config.lr_centroids)
-            cfg = TrainConfig(**{**asdict(config), "mode": "jpq", "lr_centroids": lr})
+            chosen = done[("jpq-centroids", ratio)]
+            lr, w = chosen["lr_centroids"], chosen.get("pseudo_query_weight", 0.0)
+            cfg = TrainConfig(**{**asdict(config), "mode": "jpq", "lr_centroids": lr, "pseudo_query_weight": w})
             trainer, secs, sel = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"jpq-{ratio}",
                                            progress=progress)
             index = trainer.trained_index()
             keep(_record("jpq", ratio, M, evaluate_vectors(ws, trainer.encode_queries(test_texts), index, test_ids),
                          secs, bytes_per_vector=M, exact_ratio=true_ratio, lr_centroids=lr,
-                         **selection_summary(sel, trainer)))
+                         pseudo_query_weight=w, **selection_summary(sel, trainer)))
             index.save(out_dir / "checkpoints" / f"jpq-{ratio}.jpq")
     order = {m: i for i, m in enumerate(METHODS)}
     records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))
@@ -155,6 +188,12 @@ def results_table(records: list[dict], name: str = "") -> str:
             cells.append("-" if r is None else
                          f"{r['ndcg@10']:.4f} / {r['mrr@10']:.4f} / {r['recall@100']:.4f} ({r['train_seconds']:.0f}s)")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    chosen = [(ratio, by[("jpq-centroids", ratio)]) for ratio in ratios if ("jpq-centroids", ratio) in by]
+    if chosen:
+        lines += ["", "Chosen on held-out training queries by the centroids-only runs, used by JPQ full too "
+                  "(centroid rate, pseudo-query weight): " + ", ".join(
+                      f"{ratio}x ({r['lr_centroids']:g}, {r.get('pseudo_query_weight', 0.0):g})" for ratio, r in chosen)
+                  + "."]
     return "\n".join(lines) + "\n"
 
 

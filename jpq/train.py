@@ -140,16 +140,14 @@ class TrainConfig:
     # embedded once by the frozen encoder), each with its own document as the one positive
     # against hard negatives from the current index. The pseudo-queries are fixed vectors, so the
     # term trains the centroids only (no effect in mode "encoder"). The corpus is the only input:
-    # no query or judgment of any split. Off (0) by default. On SciFact's held-out training
-    # queries (JPQ without refit, one run per cell, test split never read) weight 1 raised 96x on
-    # three splits (seeds 0 / 1 / 2: 0.774 / 0.785 / 0.752 -> 0.783 / 0.808 / 0.761; held-out
-    # queries with unseen positives +0.027 / +0.031 on seeds 0 / 2), left 64x level or lower
-    # (seeds 0 / 1: 0.800 / 0.813 -> 0.800 / 0.808) and lowered 32x (seeds 0 / 1: 0.808 / 0.826
-    # -> 0.798 / 0.823) and 16x (seed 0: 0.812 -> 0.807); weight 0.3 the same way (96x 0.786 /
-    # 0.798, 32x 0.804 / 0.824). Drawing only documents no training query points to: 96x 0.779 /
-    # 0.796, 32x 0.807 / 0.823 (seeds 0 / 1), a smaller gain for a smaller loss.
-    # The demo with weight 1 (bench/results/demo_scifact_pseudo/): selection scores 0.806 / 0.805 /
-    # 0.798 / 0.789 at 16 / 32 / 64 / 96x vs 0.812 / 0.808 / 0.800 / 0.774, and longer runs.
+    # no query or judgment of any split. Off (0) here; `jpq demo` chooses 0 or 1 per ratio with the
+    # centroid rate, by the held-out score of centroids-only runs (`jpq.demo`). Held-out figures
+    # (bench/results/pseudo_query_selection.md: three splits, JPQ without refit, test never read):
+    # that choice took weight 1 at 96x on every split, where JPQ full rose +0.015 / +0.024 / +0.010,
+    # and in 4 of 9 other cells, where JPQ full moved -0.002 to +0.002. Weight 1 everywhere lowered
+    # 16x-64x a little (earlier runs: 32x 0.808 / 0.826 -> 0.798 / 0.823, 16x 0.812 -> 0.807);
+    # weight 0.3 behaved like 1; drawing only documents no training query points to gained less at
+    # 96x (0.779 / 0.796) for less loss at 32x (0.807 / 0.823).
     pseudo_query_weight: float = 0.0
     pseudo_queries_per_step: int = 32
     seed: int = 0

@@ -26,15 +26,38 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
         assert 0.0 <= r["ndcg@10"] <= 1.0 and 0.0 <= r["recall@100"] <= 1.0
     assert (out / "results.png").stat().st_size > 1000
     assert "| jpq |" in (out / "results.md").read_text()
+    # the centroids-only runs chose the centroid rate and the pseudo-query weight; JPQ full used both
+    by = {r["method"]: r for r in records}
+    assert by["jpq-centroids"]["lr_centroids"] in (1e-4, 1e-3)
+    assert by["jpq-centroids"]["pseudo_query_weight"] in (0.0, 1.0)
+    for key in ("lr_centroids", "pseudo_query_weight"):
+        assert by["jpq"][key] == by["jpq-centroids"][key]
+    assert "pseudo-query weight): 32x (" in (out / "results.md").read_text()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["pseudo_query_weights"] == [0.0, 1.0] and "pseudo_query_weight" not in settings["config"]
     # the embeddings were cached: a second run with everything done finishes from the cache (and
     # --device auto, the CPU here, is accepted: where training runs is not part of what it computes)
     proc = subprocess.run(cmd + ["--device", "auto"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == records
     # another configuration in the same folder would mix its rows with these: refused, nothing changed
-    proc = subprocess.run(cmd + ["--pseudo-query-weight", "1"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 2 and "other settings (config.pseudo_query_weight differ)" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run(cmd + ["--pseudo-query-weights", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2 and "other settings (pseudo_query_weights differ)" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    # rows whose settings are unknown (a folder from a jpq before settings.json) are not reused either
+    settings_path = out / "settings.json"
+    saved = settings_path.read_text()
+    settings_path.unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2 and "without a settings.json" in proc.stderr, proc.stderr[-3000:]
+    assert not settings_path.exists()
+    settings_path.write_text(saved)
+    # what the demo chooses itself is no flag of it; a malformed grid is named
+    for bad, msg in ((["--pseudo-query-weight", "1"], "unrecognized arguments"),
+                     (["--pseudo-query-weights", "0,x"], "--pseudo-query-weights takes comma-separated numbers"),
+                     (["--pseudo-query-weights", "0,-1"], "pseudo_query_weights must be")):
+        proc = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 2 and msg in proc.stderr, (bad, proc.stderr[-3000:])
     assert json.loads((out / "results.json").read_text()) == records
     # `jpq index` builds a post-hoc index from the same cache, also with anisotropic codebooks (4-bit
     # codes: with 256 centroids for 300 documents there is hardly an error to shape)
