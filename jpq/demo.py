@@ -34,6 +34,8 @@ DEFAULT_CENTROID_LRS = (1e-4, 1e-3)
 # held-out train queries (bench/results/pseudo_query_selection.md, three splits) they chose 1 at
 # 96x on every split, where documents no training query points to lose most and JPQ full's
 # held-out score then rose by 0.010-0.024; elsewhere the choice moved JPQ full by at most 0.002.
+# A grid of 0, 1 and 3 chose 3 in four cells and lowered JPQ full there (mean -0.006 over the 12
+# cells; at 32x on one split 0.808 -> 0.700): bench/results/pseudo_query_selection_w013.md.
 DEFAULT_PSEUDO_QUERY_WEIGHTS = (0.0, 1.0)
 # what the demo chooses itself: these TrainConfig fields are not read from its config
 DEMO_CHOSEN_FIELDS = ("lr_centroids", "pseudo_query_weight")
