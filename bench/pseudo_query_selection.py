@@ -25,7 +25,6 @@ second invocation with --jpq reuses part 1. Writes bench/results/pseudo_query_se
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -54,9 +53,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "pseudo_query_selection.md"))
     args = ap.parse_args(argv)
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio
+    from jpq.pipeline import build_index, load_workspace, m_for_ratio, train_run
     from jpq.storage import atomic_write_json
-    from jpq.train import JPQTrainer, TrainConfig
+    from jpq.train import TrainConfig
 
     seeds = [int(s) for s in args.seeds.split(",")]
     ratios = [int(r) for r in args.ratios.split(",")]
@@ -64,8 +63,6 @@ def main(argv=None):
     cache_path = Path(args.cache)
     runs = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     ws = load_workspace(args.data, progress=False)
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    pseudo = ws.pseudo_query_emb(progress=False)
     t_all = time.perf_counter()
     indexes = {}
 
@@ -74,15 +71,10 @@ def main(argv=None):
         if key not in runs:
             if (seed, ratio) not in indexes:
                 indexes[(seed, ratio)] = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
-            t0 = time.perf_counter()
             cfg = TrainConfig(mode=mode, lr_centroids=lr, pseudo_query_weight=w, refit=False, seed=seed)
-            tr = JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(indexes[(seed, ratio)]), ws.train_ids(),
-                            ws.train_qrels_by_row(), query_texts=ws.query_texts(), query_embeddings=rows,
-                            encoder=copy.deepcopy(ws.encoder) if mode == "jpq" else None, progress=False,
-                            pseudo_queries=pseudo if w > 0 else None)
-            tr.fit()
+            tr, secs, _ = train_run(ws, cfg, indexes[(seed, ratio)], None, progress=False, select_only=True)
             runs[key] = {"val": tr.state.best_score, "epoch": tr.state.best_epoch,
-                         "epoch0": tr.state.history[0]["val"], "seconds": time.perf_counter() - t0}
+                         "epoch0": tr.state.history[0]["val"], "seconds": secs}
             atomic_write_json(cache_path, runs)
             print(f"{key}: held-out {runs[key]['val']:.4f} (epoch {runs[key]['epoch']}, "
                   f"{runs[key]['seconds']:.0f} s)", flush=True)

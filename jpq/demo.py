@@ -158,7 +158,7 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             index.save(out_dir / "checkpoints" / f"jpq-centroids-{ratio}.jpq")
         if ("jpq", ratio) not in done:
             chosen = done[("jpq-centroids", ratio)]
-            lr, w = chosen["lr_centroids"], chosen.get("pseudo_query_weight", 0.0)
+            lr, w = chosen["lr_centroids"], chosen["pseudo_query_weight"]
             cfg = TrainConfig(**{**asdict(config), "mode": "jpq", "lr_centroids": lr, "pseudo_query_weight": w})
             trainer, secs, sel = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"jpq-{ratio}",
                                            progress=progress)
