@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, command_line  # noqa: E402
+from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
 
 
 def error_parts(index, x):
@@ -38,7 +37,7 @@ def error_parts(index, x):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--data", default=str(SCIFACT))
     ap.add_argument("--ratios", default="16,32,64,96")
     ap.add_argument("--etas", default="2,4,8")
     ap.add_argument("--train", action="store_true", help="also the JPQ selection runs at 32x and 96x")

@@ -16,16 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import SCIFACT  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="the --out folder of a finished `jpq demo`")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--data", default=str(SCIFACT))
     ap.add_argument("--out", default=None, help="markdown file (default: DEMO/unseen.md)")
     ap.add_argument("--seed", type=int, default=None,
                     help="the demo's seed, for its PQ / OPQ rows (default: DEMO/settings.json's, else 0)")

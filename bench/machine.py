@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# ../shared/data beside the project folder: the default --data / --embeddings of the bench scripts
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCIFACT = SHARED_DATA / "scifact"
+SCIFACT_MINILM = SHARED_DATA / "scifact-minilm" / "embeddings.npz"
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

@@ -30,9 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, command_line  # noqa: E402
+from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
 
 
 def floats(s: str) -> list[float]:
@@ -41,7 +40,7 @@ def floats(s: str) -> list[float]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--data", default=str(SCIFACT))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ratios", default="16,32,64,96")
     ap.add_argument("--lrs", default="1e-4,1e-3", help="centroid rates of the centroids-only grid")

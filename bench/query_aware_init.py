@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, command_line  # noqa: E402
+from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
+    ap.add_argument("--data", default=str(SCIFACT))
     ap.add_argument("--quick", action="store_true", help="centroids-only rows only")
     ap.add_argument("--out", default=str(RESULTS / "query_aware_init.md"))
     args = ap.parse_args(argv)

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, command_line, default_threads  # noqa: E402
+from machine import RESULTS, SCIFACT, SCIFACT_MINILM, command_line, cpu_model, default_threads  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--embeddings", default=str(ROOT.parent / "shared" / "data" / "scifact-minilm" / "embeddings.npz"))
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=str(SCIFACT_MINILM))
     ap.add_argument("--stem", default="tree_scifact")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--checkpoints", default=None)

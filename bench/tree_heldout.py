@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, command_line, default_threads  # noqa: E402
+from machine import RESULTS, SCIFACT, SCIFACT_MINILM, command_line, cpu_model, default_threads  # noqa: E402
 
 METHODS = ("tree", "tree-init", "ivf-flat", "ivf-pq")
 
@@ -46,8 +45,8 @@ def outer_split(dataset, seed: int, fraction: float = 0.2):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--embeddings", default=str(ROOT.parent / "shared" / "data" / "scifact-minilm" / "embeddings.npz"))
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=str(SCIFACT_MINILM))
     ap.add_argument("--seeds", default="123,7,11,3,5,19")
     ap.add_argument("--out", default=str(RESULTS / "tree_heldout.md"))
     ap.add_argument("--keep", default=None, help="folder for each seed's demo outputs (default: temporary)")

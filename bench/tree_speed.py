@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, cpu_model, default_threads  # noqa: E402
+from machine import RESULTS, SCIFACT, SCIFACT_MINILM, cpu_model, default_threads  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
-    ap.add_argument("--embeddings", default=str(ROOT.parent / "shared" / "data" / "scifact-minilm" / "embeddings.npz"))
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=str(SCIFACT_MINILM))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=str(RESULTS / "tree_speed.md"))
     args = ap.parse_args(argv)
