@@ -147,7 +147,11 @@ class TrainConfig:
     # and in 4 of 9 other cells, where JPQ full moved -0.002 to +0.002. Weight 1 everywhere lowered
     # 16x-64x a little (earlier runs: 32x 0.808 / 0.826 -> 0.798 / 0.823, 16x 0.812 -> 0.807);
     # weight 0.3 behaved like 1; drawing only documents no training query points to gained less at
-    # 96x (0.779 / 0.796) for less loss at 32x (0.807 / 0.823).
+    # 96x (0.779 / 0.796) for less loss at 32x (0.807 / 0.823). At 96x with weight 1 (JPQ full,
+    # held-out, seeds 0 / 1 / 2: 0.789 / 0.808 / 0.762), 128 pseudo-queries per step instead of 32
+    # gave 0.785 / 0.802 / 0.759, and drawing each document's pseudo-query from its title and the
+    # sentences of its text (43k sentences, 6 min to embed) 0.786 at seed 0 (centroids-only 96x
+    # fell on all three seeds): so the title alone, 32 per step.
     pseudo_query_weight: float = 0.0
     pseudo_queries_per_step: int = 32
     seed: int = 0
