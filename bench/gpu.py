@@ -539,6 +539,59 @@ def section_index_search(ctx, k: int = 10):
         ctx.case("PQIndex.search", f"nq={nq} N={N} d={d} M={M} k={k}", run)
 
 
+def section_ivf_search(ctx, k: int = 10):
+    """jpq.kernels.ivf.ivf_search (inverted lists, the TreeIndex scan) on the device, checked
+    against its CPU path on every query; baseline: the same candidate rows scored by a plain
+    torch gather and ranked the same way."""
+    import numpy as np
+    import torch
+    from jpq.kernels.ivf import ivf_search
+    from jpq.kernels.ivf_triton import candidate_rows, ivf_search_triton, probed_lengths, rank_candidates
+
+    if ctx.size == "dry":
+        sizes = [(3, 600, 8, 16, 12, 4)]
+    else:
+        N = 1_000_000 if ctx.size == "full" else 100_000
+        sizes = [(1, N, 96, 256, 1024, 16), (64, N, 96, 256, 1024, 16), (1024, N, 96, 256, 1024, 16)]
+    for nq, N, M, K, n_lists, w in sizes:
+
+        def run(row, nq=nq, N=N, M=M, K=K, n_lists=n_lists, w=w):
+            rng = np.random.default_rng(6)
+            ds = 8
+            q = rng.standard_normal((nq, M * ds)).astype(np.float32)
+            C = rng.standard_normal((M, K, ds)).astype(np.float32)
+            codes = rng.integers(0, K, (N, M), dtype=np.uint8)
+            leaf = rng.integers(0, n_lists, N)
+            ids = np.argsort(leaf, kind="stable")
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(leaf, minlength=n_lists))])
+            probes = np.stack([rng.choice(n_lists, w, replace=False) for _ in range(nq)]).astype(np.int64)
+            list_codes = np.ascontiguousarray(codes[ids])
+            dev = ctx.device
+            qt, Ct, codes_t = (torch.from_numpy(x).to(dev) for x in (q, C, list_codes))
+            off_t, ids_t, probes_t = (torch.from_numpy(np.asarray(x, np.int64)).to(dev) for x in (offsets, ids, probes))
+            D, I = ivf_search(qt, Ct, codes_t, off_t, ids_t, probes_t, k, backend="triton")
+            D_cpu, I_cpu = ivf_search(q, C, list_codes, offsets, ids, probes, k, backend="cpu")
+            tol = 2e-6 * M * max(1.0, float(np.abs(D_cpu).max()))
+            d_err = float(np.abs(D.cpu().numpy() - D_cpu).max())
+            same = float((I.cpu().numpy() == I_cpu).mean())
+            ok = d_err <= tol and same >= 0.99  # ids may differ at near-ties only
+            row.check = f"{'ok' if ok else 'FAIL'} (ids equal {same:.3f}, max |dD| {d_err:.1e})"
+            row.failed = not ok
+            from jpq.kernels.adc import _build_lut_torch
+
+            def plain():
+                lut = _build_lut_torch(qt, Ct, "ip")
+                rows, valid = candidate_rows(*probed_lengths(off_t, probes_t))
+                m = torch.arange(M, device=dev)
+                scores = torch.stack([lut[i][m, codes_t[rows[i]].long()].sum(1) for i in range(nq)])
+                return rank_candidates(scores, valid, ids_t[rows], k, largest=True)
+
+            ctx.measure(row, lambda: ivf_search_triton(qt, Ct, codes_t, off_t, ids_t, probes_t, k), plain)
+            row.nbytes = int((offsets[probes + 1] - offsets[probes]).sum()) * (M + 8) + nq * k * 12
+
+        ctx.case("ivf_search", f"nq={nq} N={N} M={M} K={K} lists={n_lists} probes={w} k={k}", run)
+
+
 class _RowEncoder:
     """Builds a torch module texts "q<i>" -> a trainable linear map of fixed query vectors."""
 
@@ -625,7 +678,7 @@ def section_train(ctx):
 
 
 SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs,
-            section_index_search, section_train]
+            section_index_search, section_ivf_search, section_train]
 
 
 # --------------------------------------------------------------------------- launch-config sweep

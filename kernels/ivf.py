@@ -20,8 +20,10 @@ is built into a per-query (M, K) buffer that stays in cache, then the scan over 
 codes, the k-heap and a final heapsort, all in one kernel, with no (nq, M, K) table in memory and
 no per-list Python work). The table is `build_lut`'s CPU table (the same inlined `_lut_into`,
 fixed IEEE order) and the sum runs over m in order in float32 as `adc_topk`'s CPU path, so the
-scores are bitwise those of `adc_topk(build_lut(q, centroids), codes)`. There is no Triton path:
-"auto" is "cpu", and "triton" raises.
+scores are bitwise those of `adc_topk(build_lut(q, centroids), codes)`. "triton"
+(ivf_triton.py: CUDA tensors, or the CPU interpreter in tests) lays each query's probed lists out
+as one padded row of candidates, scores them with adc_triton's gather kernel and ranks them with
+torch sorts on the device; "auto" takes it for CUDA query tensors, the CPU path otherwise.
 
 Why fused: `TreeIndex.search` first called `adc_scores` per reached list (300 SciFact test
 queries, 64 leaves, M = 96, 2 threads: beam 3 / 6 / 12 took 80 / 169 / 304 ms), then a scan over
@@ -35,10 +37,12 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+import torch
 
 from .adc import _heap_replace_root, _lut_into, _worse, build_lut_reference, centroids_by_dim
-from .arrays import FLOAT_MAX, check_codes, check_k, check_metric, to_numpy_codes, to_numpy_f32
+from .arrays import FLOAT_MAX, array_kind, check_codes, check_k, check_metric, to_numpy_codes, to_numpy_f32
 from .assign import check_centroids, check_vectors_for
+from .dispatch import resolve_backend
 
 
 def ivf_search_reference(q, centroids, list_codes, list_offsets, list_ids, probes, k: int, metric: str = "ip"):
@@ -145,9 +149,13 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
                backend: str = "auto", check: bool = True):
     """k best documents of each query's probed lists by ADC (see the module docstring).
 
-    NumPy in, NumPy out (torch tensors are read through NumPy on the CPU). check=False skips the
-    full passes over q and centroids (finite values) and list_codes (values < K), for callers
-    that validated them; shapes are always checked (the kernel does not bound-check)."""
+    Results come back in the kind of `q`: NumPy for NumPy, torch on q's device for torch. The
+    other arguments may be NumPy or torch on any device (the lists are small next to the codes).
+    backend: "auto" (Triton for CUDA tensors, else the CPU path), "triton", "cpu", "reference".
+    check=False skips the full passes over q and centroids (finite values) and list_codes
+    (values < K), for callers that validated them; shapes are always checked (the kernels do not
+    bound-check)."""
+    kind = array_kind(q=q)
     if check:
         check_centroids(centroids)
         check_vectors_for("q", q, centroids)
@@ -156,24 +164,30 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
                          f"{tuple(centroids.shape)}")
     k = check_k(k)
     check_metric(metric)
-    if backend not in ("auto", "cpu", "reference", "triton"):
-        raise ValueError(f"backend must be one of ('auto', 'triton', 'cpu', 'reference'), got {backend!r}")
-    if backend == "triton":
-        raise RuntimeError("ivf_search has no Triton path yet: use backend='cpu' (or 'auto')")
-    q = to_numpy_f32(q)
-    centroids = to_numpy_f32(centroids)
+    path = resolve_backend(backend, kind)
     M, K, _ = centroids.shape
     if check:
         check_codes(list_codes, M, K)
     elif list_codes.ndim != 2 or list_codes.shape[1] != M:
         raise ValueError(f"list_codes must have shape (N, {M}), got {tuple(list_codes.shape)}")
-    list_codes = to_numpy_codes(list_codes)
-    offsets, ids, probes = _check_lists(list_offsets, list_ids, probes, list_codes.shape[0])
+    offsets, ids, probes = _check_lists(_host(list_offsets), _host(list_ids), _host(probes), list_codes.shape[0])
     nq = q.shape[0]
     if probes.shape[0] != nq:
         raise ValueError(f"probes has {probes.shape[0]} rows but q has {nq} queries")
-    if backend == "reference":
-        return ivf_search_reference(q, centroids, list_codes, offsets, ids, probes, k, metric)
+    if path == "triton":
+        from .ivf_triton import ivf_search_triton
+
+        dev = kind.device if kind.is_torch else torch.device("cpu")
+        D, I = ivf_search_triton(
+            _on(q, dev, torch.float32), _on(centroids, dev, torch.float32), _on(list_codes, dev, torch.uint8),
+            _on(offsets, dev, torch.int64), _on(ids, dev, torch.int64), _on(probes, dev, torch.int64), k, metric)
+        return kind.wrap(D), kind.wrap(I)
+    q = to_numpy_f32(q)
+    centroids = to_numpy_f32(centroids)
+    list_codes = to_numpy_codes(list_codes)
+    if path == "reference":
+        D, I = ivf_search_reference(q, centroids, list_codes, offsets, ids, probes, k, metric)
+        return kind.wrap(D), kind.wrap(I)
     heap_v = np.full((nq, k), -np.inf, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
     if nq:
@@ -181,7 +195,18 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
                         heap_v, heap_i)
     D = heap_v if metric == "ip" else -heap_v
     D[heap_i < 0] = -FLOAT_MAX if metric == "ip" else FLOAT_MAX
-    return D, heap_i
+    return kind.wrap(D), kind.wrap(heap_i)
+
+
+def _host(x):
+    """A list argument as NumPy (torch tensors copied from their device)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+
+
+def _on(x, device, dtype) -> torch.Tensor:
+    """NumPy or torch -> a contiguous torch tensor of `dtype` on `device`."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(device=device, dtype=dtype).contiguous()
 
 
 __all__ = ["ivf_search", "ivf_search_reference"]
