@@ -88,6 +88,7 @@ from .index import PQIndex, VectorIndexInput, train_pq_centroids
 from .kernels import assign
 from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
+from .kernels.dispatch import triton_importable
 from .metrics import evaluate, mean_over_queries, per_query
 from .storage import atomic_write_json, read_container, write_container
 from .train import Checkpointing, TrainState, ce_loss, fit_and_refit, holdout_split
@@ -360,6 +361,7 @@ class TreeIndex(VectorIndexInput):
         self._lists = None
         self._leaf_means = None  # (what it was computed from, (n_leaves, d) means)
         self._list_codes_cache = None  # (what it was computed from, leaf-ordered codes)
+        self._device_cache = None  # (device, what it was copied from, tensors) for device searches
 
     # ------------------------------------------------------------------ properties
     @property
@@ -598,28 +600,56 @@ class TreeIndex(VectorIndexInput):
         query tower is applied here). Returns D (nq, k) float32 and I (nq, k) int64 (global ids),
         best first, ties by smaller id, -1 ids (and -FLT_MAX / +FLT_MAX scores) when fewer than k
         documents were scored; torch in, torch out. A beam covering every leaf scores every
-        document and returns exactly `PQIndex.search` on the same codes.
+        document and returns exactly `PQIndex.search` on the same codes (on the CPU path).
 
-        One fused scan (`jpq.kernels.ivf.ivf_search`, parallel over queries): each query builds
-        its look-up table, scores the leaf-ordered PQ codes of its reached leaves and keeps its
-        top-k in a heap. 300 SciFact test queries at beam 3 (5% scored), 2 threads: 169 ms as a
-        leaf-major loop of `adc_scores` calls, 50 ms with a scan over a precomputed (nq, M, K)
+        Where it runs: the routing (beam search over the tree, a few small GEMMs) always on the
+        CPU. The scan: for torch queries on a CUDA device (backend "auto" with Triton installed,
+        or "triton") on that device, by `ivf_search`'s Triton path against copies of the
+        leaf-ordered codes, lists and centroids kept there (made on the first such search, remade
+        when the index changes; `drop_device_copies()` frees them); else on the CPU.
+
+        CPU scan: one fused pass (`jpq.kernels.ivf.ivf_search`, parallel over queries): each query
+        builds its look-up table, scores the leaf-ordered PQ codes of its reached leaves and keeps
+        its top-k in a heap. 300 SciFact test queries at beam 3 (5% scored), 2 threads: 169 ms as
+        a leaf-major loop of `adc_scores` calls, 50 ms with a scan over a precomputed (nq, M, K)
         table, 16 ms fused (faiss IndexIVFPQ 10 ms; bench/results/tree_speed.md).
         """
         kind = array_kind(q=q)
         k = check_k(k)
-        if backend not in ("auto", "cpu", "reference"):
-            raise ValueError(f"TreeIndex.search runs on the CPU: backend must be 'auto', 'cpu' or "
-                             f"'reference', got {backend!r}")
+        if backend not in ("auto", "cpu", "reference", "triton"):
+            raise ValueError(f"backend must be one of ('auto', 'triton', 'cpu', 'reference'), got {backend!r}")
+        on_cuda = kind.is_torch and kind.device.type == "cuda"
+        on_device = kind.is_torch and (backend == "triton" or (backend == "auto" and on_cuda and triton_importable()))
         self.pq._require_trained()
         qt = self.transform_queries(self._vectors("q", q))
         leaves, score = self.probe(qt, beam, transformed=True)
-        offsets, ids, _ = self._inverted_lists()
         probes = np.where(np.isfinite(score), leaves, -1)
+        if on_device:
+            codes, offsets, ids, centroids = self._device_lists(kind.device)
+            qr = torch.from_numpy(np.ascontiguousarray(self.pq.rotate(qt))).to(kind.device)
+            return ivf_search(qr, centroids, codes, offsets, ids, torch.from_numpy(probes).to(kind.device), k,
+                              metric=self.metric, backend="triton", check=False)
+        offsets, ids, _ = self._inverted_lists()
         D, I = ivf_search(self.pq.rotate(qt), self.pq.centroids, self._list_codes(), offsets, ids, probes, k,
-                          metric=self.metric, backend=backend,
+                          metric=self.metric, backend="cpu" if backend == "auto" else backend,
                           check=False)  # validated queries, the index's own centroids and codes
         return kind.wrap(D), kind.wrap(I)
+
+    def drop_device_copies(self) -> None:
+        """Forget the device copies a device search keeps (the next one makes them again)."""
+        self._device_cache = None
+
+    def _device_lists(self, device: torch.device):
+        """(leaf-ordered codes, list offsets, list ids, centroids) as torch tensors on `device`,
+        cached until the leaves, the codes or the centroids change."""
+        codes = self._list_codes()
+        offsets, ids, _ = self._inverted_lists()
+        key = (codes, offsets, ids, self.pq.centroids)
+        cache = self._device_cache
+        if cache is None or cache[0] != device or any(a is not b for a, b in zip(cache[1], key)):
+            arrays = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in key)
+            self._device_cache = (device, key, arrays)
+        return self._device_cache[2]
 
     def beam_for_fraction(self, q, target: float, max_beam: int | None = None) -> tuple[int, float]:
         """The beam whose measured fraction scored on q is closest to `target` (ties: the smaller

@@ -128,21 +128,33 @@ def _ivf_search_cpu(q, Ct, l2, list_codes, offsets, ids, probes, heap_v, heap_i)
             hi[n] = worst_i
 
 
-def _check_lists(list_offsets, list_ids, probes, n_rows):
-    offsets = np.asarray(list_offsets)
-    ids = np.asarray(list_ids)
-    probes = np.asarray(probes)
-    if offsets.ndim != 1 or len(offsets) < 1 or not np.issubdtype(offsets.dtype, np.integer):
-        raise ValueError(f"list_offsets must be a 1-D integer array (n_lists + 1,), got {offsets.shape} {offsets.dtype}")
+def _is_int_array(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer)
+
+
+def _check_lists(list_offsets, list_ids, probes, n_rows, ids_values: bool = True):
+    """Shapes and dtypes of the lists; the offsets' and probes' values (small arrays, copied to
+    the host when on a device); the ids' values (>= 0: a pass over all N' of them) only with
+    `ids_values`. Returns the three arguments as NumPy or torch, as given (lists as NumPy)."""
+    list_offsets, list_ids, probes = (x if isinstance(x, torch.Tensor) else np.asarray(x)
+                                      for x in (list_offsets, list_ids, probes))
+    if list_offsets.ndim != 1 or len(list_offsets) < 1 or not _is_int_array(list_offsets):
+        raise ValueError(f"list_offsets must be a 1-D integer array (n_lists + 1,), got "
+                         f"{tuple(list_offsets.shape)} {list_offsets.dtype}")
+    offsets = np.asarray(_host(list_offsets), np.int64)
     if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != n_rows:
         raise ValueError(f"list_offsets must start at 0, never decrease and end at the number of list rows ({n_rows})")
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != n_rows or (len(ids) and ids.min() < 0):
+    if list_ids.ndim != 1 or not _is_int_array(list_ids) or len(list_ids) != n_rows or (
+            ids_values and len(list_ids) and int(list_ids.min()) < 0):
         raise ValueError(f"list_ids must be a 1-D integer array of {n_rows} ids >= 0 (one per row of list_codes)")
-    if probes.ndim != 2 or not np.issubdtype(probes.dtype, np.integer):
-        raise ValueError(f"probes must be a 2-D integer array (nq, w), got {probes.shape} {probes.dtype}")
-    if probes.size and (probes.max() >= len(offsets) - 1 or probes.min() < -1):
-        raise ValueError(f"probes must hold list numbers in [0, {len(offsets) - 1}) or -1")
-    return offsets.astype(np.int64), ids.astype(np.int64), np.ascontiguousarray(probes, dtype=np.int64)
+    if probes.ndim != 2 or not _is_int_array(probes):
+        raise ValueError(f"probes must be a 2-D integer array (nq, w), got {tuple(probes.shape)} {probes.dtype}")
+    if probes.numel() if isinstance(probes, torch.Tensor) else probes.size:
+        if int(probes.max()) >= len(offsets) - 1 or int(probes.min()) < -1:
+            raise ValueError(f"probes must hold list numbers in [0, {len(offsets) - 1}) or -1")
+    return list_offsets, list_ids, probes
 
 
 def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int, metric: str = "ip",
@@ -152,9 +164,10 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
     Results come back in the kind of `q`: NumPy for NumPy, torch on q's device for torch. The
     other arguments may be NumPy or torch on any device (the lists are small next to the codes).
     backend: "auto" (Triton for CUDA tensors, else the CPU path), "triton", "cpu", "reference".
-    check=False skips the full passes over q and centroids (finite values) and list_codes
-    (values < K), for callers that validated them; shapes are always checked (the kernels do not
-    bound-check)."""
+    check=False skips the full passes over q and centroids (finite values), list_codes (values
+    < K) and list_ids (>= 0), for callers that validated them; shapes, dtypes, the offsets and the
+    probes are always checked (the kernels do not bound-check), and device-resident lists are
+    then not copied to the host."""
     kind = array_kind(q=q)
     if check:
         check_centroids(centroids)
@@ -170,7 +183,7 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
         check_codes(list_codes, M, K)
     elif list_codes.ndim != 2 or list_codes.shape[1] != M:
         raise ValueError(f"list_codes must have shape (N, {M}), got {tuple(list_codes.shape)}")
-    offsets, ids, probes = _check_lists(_host(list_offsets), _host(list_ids), _host(probes), list_codes.shape[0])
+    offsets, ids, probes = _check_lists(list_offsets, list_ids, probes, list_codes.shape[0], ids_values=check)
     nq = q.shape[0]
     if probes.shape[0] != nq:
         raise ValueError(f"probes has {probes.shape[0]} rows but q has {nq} queries")
@@ -185,6 +198,7 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
     q = to_numpy_f32(q)
     centroids = to_numpy_f32(centroids)
     list_codes = to_numpy_codes(list_codes)
+    offsets, ids, probes = (np.ascontiguousarray(_host(x), dtype=np.int64) for x in (offsets, ids, probes))
     if path == "reference":
         D, I = ivf_search_reference(q, centroids, list_codes, offsets, ids, probes, k, metric)
         return kind.wrap(D), kind.wrap(I)

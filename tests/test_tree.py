@@ -134,6 +134,36 @@ def test_single_query_equals_exhaustive_pq_search(small_tree):
         assert_equal(D, D_ref)
 
 
+
+@pytest.mark.interpreter
+def test_device_scan_matches_the_cpu_scan(small_tree):
+    """backend="triton" with torch queries (a CUDA device, or here the CPU interpreter): routing on
+    the CPU, the scan by ivf_search's Triton path against cached copies of the lists; same ids
+    as the CPU scan at every beam, scores within float32 rounding, torch out on q's device."""
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    index, x, q = small_tree
+    qt = torch.from_numpy(q)
+    try:
+        for beam in (1, 3, index.n_leaves):
+            D_cpu, I_cpu = index.search(q, 12, beam=beam, backend="cpu")
+            D, I = index.search(qt, 12, beam=beam, backend="triton")
+            assert isinstance(D, torch.Tensor) and I.dtype == torch.int64 and D.device == qt.device
+            assert_equal(I.numpy(), I_cpu)
+            assert_close(D.numpy(), D_cpu, reduction_length=index.M)
+        copies = index._device_cache[2]
+        index.search(qt, 5, beam=2, backend="triton")
+        assert index._device_cache[2] is copies  # reused while the index is unchanged
+        index.drop_device_copies()
+        assert index._device_cache is None
+    finally:
+        index.drop_device_copies()
+    with pytest.raises(ValueError, match="backend"):
+        index.search(q, 5, beam=2, backend="gpu")
+
 @pytest.mark.parametrize("kmeans_metric", ["l2", "ip"])
 def test_step_zero_is_a_plain_ivf_tree(kmeans_metric):
     """At step 0 each document sits under its best centroid at every level (nearest in L2, or
