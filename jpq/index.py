@@ -217,6 +217,10 @@ class PQIndex(VectorIndexInput):
         x = self._vectors("x", x)
         if x.shape[0] < self.K:
             raise ValueError(f"training needs at least K={self.K} vectors, got {x.shape[0]}")
+        if max_train_points is not None and (isinstance(max_train_points, bool) or
+                                             not isinstance(max_train_points, (int, np.integer)) or
+                                             max_train_points < self.K):
+            raise ValueError(f"max_train_points must be None or an int >= K={self.K}, got {max_train_points!r}")
         if max_train_points is not None and x.shape[0] > max_train_points:
             rng = np.random.default_rng(seed)
             x = x[np.sort(rng.choice(x.shape[0], max_train_points, replace=False))]
@@ -354,7 +358,22 @@ class PQIndex(VectorIndexInput):
         index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"])
         for name, a in arrays.items():
             setattr(index, name, a)
+        index._check_arrays(f"{path}: ")  # search trusts them: a wrong file must not read out of bounds
         return index
+
+    def _check_arrays(self, where: str = "") -> None:
+        """Shapes, dtypes and code range of the stored arrays against (d, M, K), as `search`
+        assumes them (it skips the per-call pass over the codes); ValueError naming the array."""
+        shapes = {"centroids": (self.M, self.K, self.d // self.M), "rotation": (self.d, self.d)}
+        for name, shape in shapes.items():
+            a = getattr(self, name)
+            if a is not None and (not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape):
+                raise ValueError(f"{where}{name} must be a float32 array of shape {shape}, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+        if self.codes.dtype != np.uint8 or self.codes.ndim != 2:
+            raise ValueError(f"{where}codes must be a uint8 array (N, {self.M}), got {self.codes.dtype} "
+                             f"{self.codes.shape}")
+        check_codes(self.codes, self.M, self.K, name=f"{where}codes")
 
     # ------------------------------------------------------------------ faiss interop
     def to_faiss(self):
@@ -396,6 +415,11 @@ class PQIndex(VectorIndexInput):
             if vt.have_bias:
                 raise ValueError("linear transforms with a bias are not supported")
             rotation = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in).astype(np.float32)
+            # decode inverts the rotation by its transpose: only right for an orthonormal matrix
+            err = float(np.abs(rotation.astype(np.float64) @ rotation.T - np.eye(vt.d_in)).max())
+            if err > 1e-3:
+                raise ValueError(f"the linear transform is not orthonormal (max |A A^T - I| = {err:.2g}): "
+                                 "jpq supports rotations (OPQ) only")
             index = faiss.downcast_index(index.index)
         if not isinstance(index, faiss.IndexPQ):
             raise TypeError(f"expected a faiss IndexPQ (optionally inside IndexPreTransform), got "

@@ -197,7 +197,8 @@ def _scores_many_queries(codes, lut_mkq, out):
 
 # No fastmath in the LUT: no reassociation, no fused multiply-add, so every entry is the same
 # IEEE sum (j = 0, 1, ... in order) wherever the helper is inlined: `ivf_search` builds each
-# query's table inside its scan and its scores stay bitwise those of `adc_topk` on `build_lut`.
+# query's table inside its scan and its scores stay bitwise those of `adc_topk` on `build_lut`
+# (its multi-query kernel; `_topk_one_query` reassociates its sum for speed: 1-4 queries).
 @nb.njit(cache=True, inline="always")
 def _lut_into(qrow, Ct, l2, out):
     """out (M, K) = the look-up table of one query qrow (M * ds,) for Ct (M, ds, K)."""
@@ -429,7 +430,8 @@ def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", chec
         k: results per query; when k > N the tail is padded with id -1 and score -FLT_MAX
             ("ip") or +FLT_MAX ("l2"), as faiss does.
         metric: "ip" keeps the largest scores, "l2" the smallest.
-        check: validate the code range (skip only for codes validated before, as PQIndex does).
+        check: validate the code range, a pass over all codes (skip only for codes validated
+            before, as PQIndex does); shapes and dtypes are checked either way.
 
     Returns:
         D: shape=(nq, k), float32, best first; I: shape=(nq, k), int64 (ties: smaller id first).
@@ -438,8 +440,7 @@ def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", chec
     k = check_k(k)
     check_metric(metric)
     _check_lut(lut)
-    if check:
-        check_codes(codes, lut.shape[1], lut.shape[2])
+    check_codes(codes, lut.shape[1], lut.shape[2], values=check)
     path = resolve_backend(backend, kind)
     if path == "triton":
         D, I = _adc_topk_triton(_as_torch_f32(lut, kind), _as_torch_codes(codes, kind), k, metric)

@@ -92,8 +92,9 @@ def check_float_matrix(name: str, x, ndim: int = 2, allow_nan: bool = False):
     return x
 
 
-def check_codes(codes, M: int, K: int, name: str = "codes"):
-    """Validate PQ codes: integer (N, M) with every value in [0, K)."""
+def check_codes(codes, M: int, K: int, name: str = "codes", values: bool = True):
+    """Validate PQ codes: integer (N, M) with every value in [0, K) (the value range, a pass over
+    all codes, only with `values`)."""
     if codes.ndim != 2:
         raise ValueError(f"{name} must have shape (N, M), got shape {tuple(codes.shape)}")
     if codes.shape[1] != M:
@@ -101,11 +102,15 @@ def check_codes(codes, M: int, K: int, name: str = "codes"):
     if isinstance(codes, torch.Tensor):
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor (uint8 expected), got {codes.dtype}")
+        if not values:
+            return codes
         if codes.numel():
             lo, hi = int(codes.min()), int(codes.max())
     else:
         if not np.issubdtype(codes.dtype, np.integer):
             raise TypeError(f"{name} must be an integer array (uint8 expected), got {codes.dtype}")
+        if not values:
+            return codes
         if codes.size:
             lo, hi = int(codes.min()), int(codes.max())
     if (codes.numel() if isinstance(codes, torch.Tensor) else codes.size) and (lo < 0 or hi >= K):

@@ -19,8 +19,11 @@ Paths: "reference" (NumPy) and "cpu" (numba, one query per parallel iteration: i
 is built into a per-query (M, K) buffer that stays in cache, then the scan over the list-ordered
 codes, the k-heap and a final heapsort, all in one kernel, with no (nq, M, K) table in memory and
 no per-list Python work). The table is `build_lut`'s CPU table (the same inlined `_lut_into`,
-fixed IEEE order) and the sum runs over m in order in float32 as `adc_topk`'s CPU path, so the
-scores are bitwise those of `adc_topk(build_lut(q, centroids), codes)`. "triton"
+fixed IEEE order) and the sum runs over m in order in float32 as `adc_topk`'s CPU path does for
+more than FEW_QUERIES (4) queries at a time, so the scores are then bitwise those of
+`adc_topk(build_lut(q, centroids), codes)`. For 1-4 queries (or a last tile of 1-4) `adc_topk`
+uses its one-query kernel, whose vectorised sum is reassociated: scores agree to float32
+rounding there, and ids but for near-ties. "triton"
 (ivf_triton.py: CUDA tensors, or the CPU interpreter in tests) lays each query's probed lists out
 as one padded row of candidates, scores them with adc_triton's gather kernel and ranks them with
 torch sorts on the device; "auto" takes it for CUDA query tensors, the CPU path otherwise.
@@ -75,7 +78,8 @@ def _push(hv, hi, acc, i, l2):
 
 
 # no fastmath: reassociation would let LLVM split the sum over m, and the scores would no longer
-# be bitwise those of adc_topk's CPU path (the tree's full-beam search must equal PQIndex.search)
+# be bitwise those of adc_topk's multi-query CPU kernel (a full-beam tree search equals
+# PQIndex.search bitwise for more than 4 queries at a time; see the module docstring)
 @nb.njit(parallel=True, cache=True)
 def _ivf_search_cpu(q, Ct, l2, list_codes, offsets, ids, probes, heap_v, heap_i):
     """q (nq, D), Ct (M, ds, K) f32; heaps (nq, k) filled in place, best first on return (for l2
@@ -179,10 +183,7 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
     check_metric(metric)
     path = resolve_backend(backend, kind)
     M, K, _ = centroids.shape
-    if check:
-        check_codes(list_codes, M, K)
-    elif list_codes.ndim != 2 or list_codes.shape[1] != M:
-        raise ValueError(f"list_codes must have shape (N, {M}), got {tuple(list_codes.shape)}")
+    check_codes(list_codes, M, K, name="list_codes", values=check)
     offsets, ids, probes = _check_lists(list_offsets, list_ids, probes, list_codes.shape[0], ids_values=check)
     nq = q.shape[0]
     if probes.shape[0] != nq:

@@ -158,3 +158,15 @@ def test_named_triton_backend_raises_when_it_cannot_run(monkeypatch):
     # auto falls back quietly to the CPU path
     D, I = adc_topk(lut, codes, 1, backend="auto")
     assert numpy_of(I).tolist() == [[0]]
+
+
+def test_check_false_skips_the_code_range_only():
+    """adc_topk(check=False) trusts the code values, never the shapes: codes with the wrong
+    number of sub-quantizers are refused as with check=True."""
+    lut = np.zeros((1, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="sub-quantizers"):
+        adc_topk(lut, np.zeros((3, 1), np.uint8), 1, check=False)
+    with pytest.raises(TypeError, match="integer"):
+        adc_topk(lut, np.zeros((3, 2), np.float32), 1, check=False)
+    D, I = adc_topk(lut, np.zeros((3, 2), np.uint8), 1, check=False)
+    assert numpy_of(I).tolist() == [[0]]

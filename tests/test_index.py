@@ -208,6 +208,41 @@ def test_load_rejects_truncated_foreign_and_corrupted_files(tmp_path, data):
         jpq.PQIndex.load(tmp_path / "flip")
 
 
+
+def test_load_rejects_well_formed_files_with_wrong_contents(tmp_path, data):
+    """A checksummed file whose arrays do not fit (d, M, K) (codes >= K, other shapes) is refused
+    on load: search skips the per-call pass over the codes and must never read out of bounds."""
+    x, _ = data
+    index = trained(x, nbits=4)
+    bad_codes = jpq.PQIndex(32, 8, nbits=4)
+    bad_codes.centroids = index.centroids
+    bad_codes.codes = np.full((5, 8), 200, np.uint8)  # K = 16
+    bad_codes.save(tmp_path / "codes.jpq")
+    with pytest.raises(ValueError, match="codes values must lie in"):
+        jpq.PQIndex.load(tmp_path / "codes.jpq")
+    bad_shape = jpq.PQIndex(32, 8, nbits=4)
+    bad_shape.centroids = index.centroids[:, :8]
+    bad_shape.save(tmp_path / "shape.jpq")
+    with pytest.raises(ValueError, match="centroids must be a float32 array of shape"):
+        jpq.PQIndex.load(tmp_path / "shape.jpq")
+
+
+def test_from_faiss_rejects_a_transform_that_is_not_a_rotation(data):
+    x, q = data
+    f = faiss.IndexPQ(32, 8, 8, faiss.METRIC_INNER_PRODUCT)
+    lt = faiss.LinearTransform(32, 32, False)
+    faiss.copy_array_to_vector((2.0 * np.eye(32, dtype=np.float32)).ravel(), lt.A)
+    lt.is_trained = True
+    wrapped = faiss.IndexPreTransform(lt, f)
+    with pytest.raises(ValueError, match="orthonormal"):
+        jpq.PQIndex.from_faiss(wrapped)
+
+
+def test_train_rejects_max_train_points_below_k(data):
+    x, _ = data
+    with pytest.raises(ValueError, match="max_train_points"):
+        jpq.PQIndex(32, 8, nbits=8).train(x, max_train_points=100)
+
 def test_failed_save_leaves_no_broken_file(tmp_path, data, monkeypatch):
     x, _ = data
     index = trained(x)

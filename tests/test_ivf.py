@@ -1,7 +1,8 @@
 """Inverted-list ADC search (jpq.kernels.ivf.ivf_search): the CPU and Triton paths (the latter
 under TRITON_INTERPRET=1) against the NumPy reference, on random lists with empty ones, -1 probes,
 k larger than what is scanned, ties, both metrics, query chunks; the CPU path bitwise equal to
-adc_topk(build_lut(...)) when every list is probed."""
+adc_topk(build_lut(...)) when every list is probed (for more than 4 queries at a time; to float32
+rounding for 1-4, where adc_topk's one-query kernel reassociates its sum)."""
 import numpy as np
 import pytest
 import torch
@@ -102,6 +103,12 @@ def test_all_lists_probed_equals_adc_topk_bitwise(metric):
     assert isinstance(Dt, torch.Tensor) and isinstance(It, torch.Tensor) and It.dtype == torch.int64
     np.testing.assert_array_equal(It.numpy(), I_ref)
     np.testing.assert_array_equal(Dt.numpy(), D_ref)
+    # one query: adc_topk's one-query kernel reassociates its sum -> same ids, scores to rounding
+    for i in range(3):
+        D1, I1 = ivf_search(q[i : i + 1], C, codes[ids], offsets, ids, probes[:1], 15, metric)
+        D1_ref, I1_ref = adc_topk(build_lut(q[i : i + 1], C, metric), codes, 15, metric=metric, backend="cpu")
+        np.testing.assert_array_equal(I1, I1_ref)
+        np.testing.assert_allclose(D1, D1_ref, rtol=1e-5, atol=1e-5 * np.abs(D1_ref).max())
 
 
 @pytest.mark.interpreter
@@ -175,7 +182,7 @@ def test_bad_inputs_raise(monkeypatch):
             ivf_search(q, C, codes, offsets, ids, ok, 3, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         ivf_search(q, C, codes, offsets, ids, ok, 3, backend="gpu")
-    with pytest.raises(ValueError, match="list_codes must have shape"):  # check=False still checks shapes
+    with pytest.raises(ValueError, match="list_codes has 3 sub-quantizers"):  # check=False still checks shapes
         ivf_search(q, C, codes[:, :3], offsets, ids, ok, 3, check=False)
     with pytest.raises(ValueError, match="D = M"):
         ivf_search(q[:, :6], C, codes, offsets, ids, ok, 3, check=False)

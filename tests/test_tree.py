@@ -125,13 +125,14 @@ def test_full_beam_equals_exhaustive_pq_search(small_tree):
 
 
 def test_single_query_equals_exhaustive_pq_search(small_tree):
-    """PQIndex takes a different kernel path for one query: still identical."""
+    """PQIndex takes its one-query kernel for 1-4 queries (a reassociated sum): same ids, scores
+    to float32 rounding."""
     index, x, q = small_tree
     for i in range(3):
         D_ref, I_ref = index.pq.search(q[i : i + 1], 10)
         D, I = index.search(q[i : i + 1], 10, beam=index.n_leaves)
         assert_equal(I, I_ref)
-        assert_equal(D, D_ref)
+        assert_close(D, D_ref, reduction_length=index.M)
 
 
 
