@@ -240,7 +240,7 @@ def main(argv=None):
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what, not where
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:  # say what, not where
         if args.verbose:
             raise
         print(f"jpq {args.func.__name__.removeprefix('cmd_')}: error: {e}", file=sys.stderr)

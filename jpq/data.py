@@ -110,7 +110,8 @@ class BeirDataset:
             h = hashlib.sha256(part.encode())
             for i, t in zip(ids, texts):
                 # \x1f / \x1e separate fields and records, so ("a", "bc") != ("ab", "c").
-                h.update(i.encode("utf-8") + b"\x1f" + t.encode("utf-8") + b"\x1e")
+                # surrogatepass: a lone surrogate (crawled text) hashes instead of raising
+                h.update(i.encode("utf-8", "surrogatepass") + b"\x1f" + t.encode("utf-8", "surrogatepass") + b"\x1e")
             self._fingerprints[part] = h.hexdigest()
         return self._fingerprints[part]
 
@@ -184,6 +185,16 @@ def title_queries(dataset: BeirDataset, max_words: int = 32) -> list[str]:
     return out
 
 
+def _valid_unicode(s: str) -> str:
+    """s with lone UTF-16 surrogates (JSON escapes such as "\\ud83d" alone, found in crawled text)
+    replaced by "?": they cannot be encoded, hashed or tokenized."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
 def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str], list[str]]:
     """Read `_id`s, texts and titles; with `title`, the text is `title + " " + text` and the
     titles are the stripped `title` fields (all "" without `title`)."""
@@ -205,6 +216,7 @@ def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str], list[str
             if _id in seen:
                 raise ValueError(f"{file}:{lineno}: duplicate _id {_id!r}")
             seen.add(_id)
+            _id, text, head = _valid_unicode(_id), _valid_unicode(text), _valid_unicode(head)
             ids.append(_id)
             texts.append(f"{head} {text}".strip() if head.strip() else text.strip())
             heads.append(head.strip())

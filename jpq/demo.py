@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -60,19 +61,22 @@ def _settings(ws, config: TrainConfig, centroid_lrs, pseudo_query_weights) -> di
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Finished rows in out_dir are reused only by a demo with the same settings: write them on the
-    first start, refuse a different run in the same folder (its rows would mix with these). Rows
+    first start, refuse a different run in a folder that holds rows (they would mix with these;
+    a folder whose earlier start finished no row takes the new settings). Rows
     without a settings.json (written by a jpq before it kept one) are refused too: what made them
     is unknown."""
     path = out_dir / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old != settings:
+        if old != settings and (out_dir / "partial.json").exists():
             diff = sorted({*_flat(old).items()} ^ {*_flat(settings).items()})
             keys = sorted({k for k, _ in diff})
             raise ValueError(f"{out_dir} holds demo results made with other settings ({', '.join(keys)} "
                              f"differ): pass the same options to resume it, or a fresh --out")
-        return
-    if (out_dir / "partial.json").exists():
+        if old == settings:
+            return
+        # a start that finished no row (e.g. it crashed): nothing to mix, the new settings hold
+    elif (out_dir / "partial.json").exists():
         raise ValueError(f"{out_dir} holds demo results without a settings.json (from an older jpq), so "
                          f"what made them is unknown: use a fresh --out")
     atomic_write_json(path, settings)
@@ -103,6 +107,18 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             raise ValueError(f"{name} must be a non-empty sequence of numbers >= 0, got {values!r}")
     if not all(v > 0 for v in centroid_lrs):
         raise ValueError(f"centroid_lrs must be > 0, got {centroid_lrs!r}")
+    # everything the ratios need is known now: fail before any training, not hours into it
+    ratios = tuple(ratios)
+    if not ratios or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 1
+                             for r in ratios):
+        raise ValueError(f"ratios must be compression ratios > 1 (e.g. 16, 32, 64, 96), got {ratios!r}")
+    for r in ratios:
+        M = m_for_ratio(ws.d, r)
+        if 4 * ws.d / M <= 1:
+            raise ValueError(f"ratio {r:g} gives M={M} bytes per {ws.d}-d vector: no compression")
+    if len(ws.doc_emb) < 256:
+        raise ValueError(f"the demo's 8-bit PQ indexes need at least 256 documents to train, "
+                         f"the corpus has {len(ws.doc_emb)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig(seed=seed)
     _check_settings(out_dir, _settings(ws, config, centroid_lrs, pseudo_query_weights))

@@ -101,7 +101,7 @@ def cached_embeddings(encoder: SentenceEncoder, texts: list[str], ids: list[str]
     h = hashlib.sha256()
     h.update(f"{encoder.name}|{encoder.model.max_seq_length}|".encode())
     for i, t in zip(ids, texts):
-        h.update(i.encode() + b"\0" + t.encode() + b"\0")
+        h.update(i.encode("utf-8", "surrogatepass") + b"\0" + t.encode("utf-8", "surrogatepass") + b"\0")
     key = h.hexdigest()[:16]
     path = Path(cache_dir) / f"{tag}-{key}.npz"
     partial = Path(cache_dir) / f"{tag}-{key}.partial.npz"

@@ -134,6 +134,8 @@ def load_workspace(data: str, model: str = DEFAULT_MODEL, embeddings: str | None
 def m_for_ratio(d: int, ratio: float, nbits: int = 8) -> int:
     """Sub-quantizers for a compression ratio of float32 vectors: bytes = 4 d / ratio = M nbits / 8.
     Picks the divisor of d closest to the exact value."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
     exact = 4 * d / ratio * 8 / nbits
     divisors = [m for m in range(1, d + 1) if d % m == 0]
     return min(divisors, key=lambda m: (abs(m - exact), -m))

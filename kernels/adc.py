@@ -16,7 +16,10 @@ Paths:
   Measured on the 2-core dev CPU, N=200k, M=96, K=256, k=10: 64 queries 0.12 s vs faiss
   IndexPQ.search 0.19 s; 1 query 4 ms vs 9 ms (bench/compare_faiss.py has the current figures).
 - Triton (CUDA; the CPU interpreter in tests): a score kernel over (query, document-block)
-  tiles, top-k as a second pass per document chunk (torch.topk), merged across chunks.
+  tiles, top-k as a second pass per document chunk (torch.topk), merged across chunks. The
+  top-k runs on int64 keys (`order_keys`: score bits in the high half, the inverted id in the
+  low half), so ties go to the smaller id exactly, as on the CPU, whichever tied entries
+  torch.topk would have kept at the k-th place.
 """
 from __future__ import annotations
 
@@ -316,34 +319,48 @@ def _adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 # Documents per top-k chunk: TRITON_SCORES_PER_CHUNK // nq, at least TRITON_MIN_DOCS_PER_CHUNK,
-# so the (nq, chunk) score block is 256 MB up to 1024 queries and nq * 256 KB beyond. With few
-# queries one chunk covers a million documents: a search is one kernel and one torch.topk instead
-# of 16 rounds of them (16 rounds cost 5.5 ms at nq = 1 on an H100).
+# so the (nq, chunk) score block is 256 MB up to 1024 queries and nq * 256 KB beyond (its int64
+# top-k keys, `order_keys`, twice that). With few queries one chunk covers a million documents:
+# a search is one kernel and one torch.topk instead of 16 rounds of them (16 rounds cost 5.5 ms
+# at nq = 1 on an H100).
 TRITON_SCORES_PER_CHUNK = 1 << 26
 TRITON_MIN_DOCS_PER_CHUNK = 1 << 16
+
+
+def order_keys(scores: torch.Tensor, ids: torch.Tensor, largest: bool) -> torch.Tensor:
+    """int64 keys whose descending order is the top-k order: the better score first, then the
+    smaller id (exact: no float tie is left to torch.topk's choice). The float32 score (negated
+    for L2) is mapped to an int32 that orders like it (negative floats: low 31 bits flipped),
+    shifted to the high half; the low half is 2**32 - 1 - id. ids: int64, 0 <= id < 2**32."""
+    s = (scores if largest else -scores) + 0.0  # + 0.0: -0.0 becomes +0.0, which it equals
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return (ordered << 32) | (0xFFFFFFFF - ids)
+
+
+def scores_of_keys(keys: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `order_keys`: (scores float32, ids int64)."""
+    ordered = (keys >> 32).to(torch.int32)
+    s = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).view(torch.float32)
+    return (s if largest else -s + 0.0), 0xFFFFFFFF - (keys & 0xFFFFFFFF)  # + 0.0: no -0.0 distances
 
 
 def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str):
     nq = lut.shape[0]
     N = codes.shape[0]
+    if N >= 1 << 32:
+        raise ValueError(f"the Triton top-k handles up to 2**32 - 1 documents, got {N}")
     largest = metric == "ip"
-    best_v = torch.empty((nq, 0), dtype=torch.float32, device=lut.device)
-    best_i = torch.empty((nq, 0), dtype=torch.int64, device=lut.device)
+    best = torch.empty((nq, 0), dtype=torch.int64, device=lut.device)
     chunk = max(TRITON_MIN_DOCS_PER_CHUNK, TRITON_SCORES_PER_CHUNK // max(1, nq))
     for s in range(0, N, chunk):
         scores = _adc_scores_triton(lut, codes[s : s + chunk])
-        kk = min(k, scores.shape[1])
-        v, i = torch.topk(scores, kk, dim=1, largest=largest, sorted=False)
-        cand_v = torch.cat([best_v, v], 1)
-        cand_i = torch.cat([best_i, i + s], 1)
-        kk = min(k, cand_v.shape[1])
-        v, pos = torch.topk(cand_v, kk, dim=1, largest=largest, sorted=False)
-        best_v, best_i = v, torch.gather(cand_i, 1, pos)
-    # final order: best first, ties by smaller id (stable sort on id, then on score)
-    order = torch.argsort(best_i, dim=1, stable=True)
-    best_v, best_i = torch.gather(best_v, 1, order), torch.gather(best_i, 1, order)
-    order = torch.argsort(best_v, dim=1, descending=largest, stable=True)
-    best_v, best_i = torch.gather(best_v, 1, order), torch.gather(best_i, 1, order)
+        ids = torch.arange(s, s + scores.shape[1], device=lut.device)
+        keys = torch.cat([best, order_keys(scores, ids.expand_as(scores), largest)], 1)
+        del scores
+        best = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).values
+    best = torch.sort(best, dim=1, descending=True).values  # best first, ties by smaller id
+    best_v, best_i = scores_of_keys(best, largest)
     pad = k - best_v.shape[1]
     if pad:
         fill = -FLOAT_MAX if largest else FLOAT_MAX

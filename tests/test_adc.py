@@ -24,6 +24,30 @@ SHAPES = [
 ]
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_triton_topk_breaks_exact_ties_by_smaller_id_across_chunks(monkeypatch, metric):
+    """Every score is one of 3 values (codes of one sub-quantizer, K = 3), so the k-th place is a
+    tie among dozens of documents spread over several chunks: the Triton top-k must keep the
+    smallest ids, exactly as the reference does (no tolerance for near-ties here)."""
+    from jpq.kernels import adc as adc_module
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    monkeypatch.setattr(adc_module, "TRITON_SCORES_PER_CHUNK", 48)
+    monkeypatch.setattr(adc_module, "TRITON_MIN_DOCS_PER_CHUNK", 16)
+    rng = np.random.default_rng(7)
+    lut = np.array([[[0.5, -1.25, 0.5]], [[2.0, 2.0, -0.0]]], np.float32)  # (2, 1, 3): exact ties
+    codes = rng.integers(0, 3, (200, 1)).astype(np.uint8)
+    for k in (1, 7, 30, 250):
+        D_ref, I_ref = topk_from_scores(adc_scores_reference(lut, codes), k, metric)
+        D, I = adc_topk(torch.from_numpy(lut), torch.from_numpy(codes), k, metric=metric, backend="triton")
+        np.testing.assert_array_equal(I.numpy(), I_ref)
+        np.testing.assert_array_equal(D.numpy(), D_ref)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("M,K,ds,N,nq,k", SHAPES)

@@ -55,7 +55,9 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
     # what the demo chooses itself is no flag of it; a malformed grid is named
     for bad, msg in ((["--pseudo-query-weight", "1"], "unrecognized arguments"),
                      (["--pseudo-query-weights", "0,x"], "--pseudo-query-weights takes comma-separated numbers"),
-                     (["--pseudo-query-weights", "0,-1"], "pseudo_query_weights must be")):
+                     (["--pseudo-query-weights", "0,-1"], "pseudo_query_weights must be"),
+                     (["--ratios", "0"], "ratios must be compression ratios > 1"),
+                     (["--ratios", "32,1"], "ratios must be compression ratios > 1")):
         proc = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 2 and msg in proc.stderr, (bad, proc.stderr[-3000:])
     assert json.loads((out / "results.json").read_text()) == records
@@ -89,3 +91,17 @@ def test_workspace_refuses_a_cuda_device_torch_cannot_see(tmp_path):
     data = make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20, seed=3)
     with pytest.raises(ValueError, match="no CUDA device"):
         load_workspace(str(data), cache_dir=tmp_path / "cache", progress=False, device="cuda")
+
+
+def test_demo_settings_bind_a_folder_only_once_it_holds_rows(tmp_path):
+    """A start that finished no row (it crashed, say) does not lock its folder: a rerun with other
+    settings takes it over; once rows exist, other settings are refused."""
+    from jpq.demo import _check_settings
+
+    _check_settings(tmp_path, {"config": {"batch_size": 32}})
+    _check_settings(tmp_path, {"config": {"batch_size": 16}})  # no partial.json: takes the folder
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"config": {"batch_size": 16}}
+    (tmp_path / "partial.json").write_text("[]")
+    _check_settings(tmp_path, {"config": {"batch_size": 16}})  # same settings: resumes
+    with pytest.raises(ValueError, match="other settings"):
+        _check_settings(tmp_path, {"config": {"batch_size": 32}})

@@ -94,6 +94,19 @@ def test_fingerprint(tmp_path):
         a.fingerprint("qrels")
 
 
+def test_lone_surrogates_are_replaced_on_load(tmp_path):
+    """Crawled corpora hold JSON escapes of half an emoji ("\\ud83d" alone): such text cannot be
+    encoded, hashed or tokenized, so loading replaces the lone surrogate by "?"."""
+    root = write_beir(tmp_path / "s")
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "title": "t \\ud83d", "text": "bad \\ud83d here"}\n'
+                                       '{"_id": "d2", "text": "fine \\ud83d\\ude00"}\n'
+                                       '{"_id": "d3", "text": "x"}\n')
+    ds = load_beir(root)
+    assert ds.corpus_texts[0] == "t ? bad ? here" and ds.corpus_titles[0] == "t ?"
+    assert ds.corpus_texts[1] == "fine \U0001f600"  # a valid pair stays the emoji
+    assert len(ds.fingerprint()) == 64
+
+
 def test_splits_argument(tmp_path):
     root = write_beir(tmp_path / "tiny")
     assert list(load_beir(root, splits=["train"]).qrels) == ["train"]
