@@ -9,7 +9,9 @@ of list_codes (N', M) uint8. q (nq, D) float32 are the (already rotated) query v
 none. Returns D (nq, k) float32 and I (nq, k) int64, best first (largest inner product / smallest
 L2 distance), ties by smaller id, -1 ids and -FLT_MAX / +FLT_MAX scores when fewer than k
 documents were scanned. A document in two probed lists is counted once per list it is in (the
-tree and IVF lists hold each document once).
+tree and IVF lists hold each document once), and a list probed twice by one query is scanned
+twice: its documents can then come back twice (every path alike; `TreeIndex` never repeats a
+list in a query's probes).
 
 Loop form (the reference):
     for q: lut = build_lut(q, centroids); docs = the probed lists' rows;

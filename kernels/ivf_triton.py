@@ -6,9 +6,11 @@ by torch sorts on the device.
     scores[q, p] = sum_m lut[q, m, list_codes[rows[q, p], m]]          (`launch_gather`, PAIRS)
     top-k        = the k best valid entries, ties by the smaller document id (list_ids[rows])
 
-The look-up tables are `build_lut`'s Triton-path tables (a batched GEMM on the device). Queries
-are taken in chunks whose padded (queries x candidates) block holds at most SCORES_PER_CHUNK
-scores, so memory stays bounded when some query probes long lists. Kept apart from ivf.py so
+The look-up tables are `build_lut`'s Triton-path tables (a batched GEMM on the device), built per
+chunk of queries. Queries are taken in chunks whose padded (queries x candidates) block holds at
+most SCORES_PER_CHUNK entries, so memory stays bounded when some query probes long lists: about
+40 bytes per entry at the peak (int64 rows, ids and sort orders beside the float32 scores), so
+2**24 entries are some 700 MB. Kept apart from ivf.py so
 that `import jpq` never needs triton; ivf.py imports this lazily.
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from .adc import _build_lut_torch
 from .adc_triton import launch_gather
 from .arrays import FLOAT_MAX
 
-# scores (float32) per chunk of queries: 2**26 = 256 MB, plus the int64 rows and ids beside them
-SCORES_PER_CHUNK = 1 << 26
+# padded (query, candidate) entries per chunk of queries (see the module docstring for the bytes)
+SCORES_PER_CHUNK = 1 << 24
 
 
 def probed_lengths(offsets: torch.Tensor, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +115,13 @@ def ivf_search_triton(q: torch.Tensor, centroids: torch.Tensor, list_codes: torc
     I = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
     if nq == 0:
         return D, I
-    lut = _build_lut_torch(q, centroids, metric)  # (nq, M, K)
     starts, lens = probed_lengths(offsets, probes)
     for c0, c1 in _query_chunks(lens.sum(1).tolist()):
         rows, valid = candidate_rows(starts[c0:c1], lens[c0:c1])
         if rows.shape[1] == 0:
             continue
         scores = torch.empty(rows.shape, dtype=torch.float32, device=dev)
-        launch_gather(lut[c0:c1], list_codes, rows, scores)
+        launch_gather(_build_lut_torch(q[c0:c1], centroids, metric), list_codes, rows, scores)
         d, i = rank_candidates(scores, valid, ids[rows], k, largest)
         D[c0:c1, : d.shape[1]] = d
         I[c0:c1, : i.shape[1]] = i
