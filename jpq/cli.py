@@ -50,12 +50,13 @@ def _config(args, **over):
     return TrainConfig(**kw)
 
 
-def _workspace(args):
+def _workspace(args, need_train: bool = True):
     from .pipeline import DEFAULT_CACHE, load_workspace
 
     return load_workspace(args.data, args.model, args.embeddings,
                           Path(args.cache) if args.cache else DEFAULT_CACHE, progress=not args.quiet,
-                          device=getattr(args, "device", "cpu"))  # --device: train and demo (TrainConfig)
+                          device=getattr(args, "device", "cpu"),  # --device: train and demo (TrainConfig)
+                          need_train=need_train)
 
 
 def _floats(text: str, flag: str) -> tuple:
@@ -96,7 +97,7 @@ def cmd_demo(args):
 def cmd_index(args):
     from .pipeline import build_index, m_for_ratio
 
-    ws = _workspace(args)
+    ws = _workspace(args, need_train=False)
     M = args.M or m_for_ratio(ws.d, args.ratio, args.nbits)
     index = build_index(ws.doc_emb, M, opq=args.opq, nbits=args.nbits, seed=args.seed,
                         anisotropic_eta=args.anisotropic_eta)
@@ -146,7 +147,7 @@ def cmd_eval(args):
     from .index import PQIndex
     from .pipeline import evaluate_vectors
 
-    ws = _workspace(args)
+    ws = _workspace(args, need_train=False)
     ids, q = _load_queries(args, ws)
     index = PQIndex.load(args.index) if args.index else None
     print(json.dumps(evaluate_vectors(ws, q, index, ids), indent=1))
@@ -165,6 +166,9 @@ def cmd_search(args):
         from .data import load_beir
 
         doc_ids = load_beir(args.data).corpus_ids
+        if len(doc_ids) != index.ntotal:
+            raise ValueError(f"--data has {len(doc_ids)} documents but the index holds {index.ntotal}: "
+                             f"not the corpus it was built from")
     for text, d, i in zip(args.query, D, I):
         print(f"query: {text}")
         for rank, (s, row) in enumerate(zip(d, i), 1):

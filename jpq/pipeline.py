@@ -34,7 +34,7 @@ class Workspace:
     encoder: SentenceEncoder
     doc_emb: np.ndarray  # (n_docs, d) float32, rows in corpus order
     query_emb: np.ndarray  # (n_queries, d) float32, rows in queries order
-    train_split: str
+    train_split: str | None  # None: loaded with need_train=False, no train split
     test_split: str
     cache_dir: Path = DEFAULT_CACHE
     _pseudo_query_emb: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -87,19 +87,23 @@ def find_precomputed(data_dir: Path, explicit: str | None) -> list[Path]:
 
 
 def load_workspace(data: str, model: str = DEFAULT_MODEL, embeddings: str | None = None,
-                   cache_dir: Path = DEFAULT_CACHE, progress: bool = True, device: str = "cpu") -> Workspace:
+                   cache_dir: Path = DEFAULT_CACHE, progress: bool = True, device: str = "cpu",
+                   need_train: bool = True) -> Workspace:
     """Load a BEIR folder (or a named BEIR dataset, downloaded) and embed it with `model`.
 
     Document and query vectors come from a validated precomputed file when one is found
     (ids must match and freshly encoded spot checks must agree, cosine > 0.999), else they are
     computed once and cached under `cache_dir` (resumable). `device` ("cpu", "cuda", "cuda:N",
-    "auto"): where the encoder runs (the vectors come back as NumPy either way)."""
+    "auto"): where the encoder runs (the vectors come back as NumPy either way). A train split is
+    required with `need_train` (training, the demo); without it (indexing, evaluation) a folder
+    with only a test (or dev) split loads too, with `train_split` None."""
     dataset = load_beir(data, cache_dir=cache_dir / "beir")
     splits = set(dataset.qrels)
     train_split = "train" if "train" in splits else None
     test_split = next((s for s in ("test", "dev", "validation") if s in splits), None)
-    if train_split is None or test_split is None:
-        raise ValueError(f"{data} needs a train split and a test (or dev) split in qrels/, found {sorted(splits)}")
+    if (need_train and train_split is None) or test_split is None:
+        raise ValueError(f"{data} needs {'a train split and ' if need_train else ''}a test (or dev) split in "
+                         f"qrels/, found {sorted(splits)}")
     encoder = SentenceEncoder(model, device=str(resolve_device(device)))
     doc_emb = query_emb = None
     for path in find_precomputed(Path(data), embeddings):

@@ -105,3 +105,20 @@ def test_demo_settings_bind_a_folder_only_once_it_holds_rows(tmp_path):
     _check_settings(tmp_path, {"config": {"batch_size": 16}})  # same settings: resumes
     with pytest.raises(ValueError, match="other settings"):
         _check_settings(tmp_path, {"config": {"batch_size": 32}})
+
+
+def test_test_only_folder_indexes_and_evaluates_but_does_not_train(tmp_path):
+    """Many BEIR sets have no train split: `jpq index` and `jpq eval` work on them, training and
+    the demo say what is missing (exit 2, no traceback)."""
+    data = make_synthetic_beir(tmp_path / "s", n_docs=300, n_queries=20, seed=3)
+    (data / "qrels" / "train.tsv").unlink()
+    common = ["--data", str(data), "--quiet", "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run([sys.executable, "-m", "jpq", "index", *common, "--out", str(tmp_path / "i.jpq"),
+                           "--ratio", "32", "--nbits", "4"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "jpq", "eval", *common, "--index", str(tmp_path / "i.jpq")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "ndcg@10" in proc.stdout, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "jpq", "demo", *common, "--out", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2 and "needs a train split" in proc.stderr and "Traceback" not in proc.stderr
