@@ -168,7 +168,9 @@ def ivf_search(q, centroids, list_codes, list_offsets, list_ids, probes, k: int,
     """k best documents of each query's probed lists by ADC (see the module docstring).
 
     Results come back in the kind of `q`: NumPy for NumPy, torch on q's device for torch. The
-    other arguments may be NumPy or torch on any device (the lists are small next to the codes).
+    other arguments may be NumPy or torch on any device; the Triton path copies whatever is not on
+    q's device there on every call, so keep list_codes (N' x M bytes) on the device between calls
+    (TreeIndex.search caches its device copies).
     backend: "auto" (Triton for CUDA tensors, else the CPU path), "triton", "cpu", "reference".
     check=False skips the full passes over q and centroids (finite values), list_codes (values
     < K) and list_ids (>= 0), for callers that validated them; shapes, dtypes, the offsets and the
