@@ -592,6 +592,44 @@ def section_ivf_search(ctx, k: int = 10):
         ctx.case("ivf_search", f"nq={nq} N={N} M={M} K={K} lists={n_lists} probes={w} k={k}", run)
 
 
+def section_tree_search(ctx, k: int = 10):
+    """jpq.TreeIndex.search for torch queries on the device (routing on the CPU, the scan by
+    ivf_search's Triton path against cached device copies of the lists) against the same search
+    on the CPU (the "torch" column here is the CPU path, as a baseline)."""
+    import numpy as np
+    import torch
+    from jpq.tree import TreeIndex
+
+    sizes = [(5, 2000, 16, 4, (3, 4), 3)] if ctx.size == "dry" else [(64, 200_000, 128, 16, (16, 16), 16)]
+    for nq, N, d, M, branching, beam in sizes:
+
+        def run(row, nq=nq, N=N, d=d, M=M, branching=branching, beam=beam):
+            rng = np.random.default_rng(7)
+            centers = rng.standard_normal((64, d)).astype(np.float32)
+            x = (centers[rng.integers(0, 64, N)] + 0.5 * rng.standard_normal((N, d))).astype(np.float32)
+            index = TreeIndex(d, branching, M=M, nbits=8)
+            index.train(x[: min(N, 20_000)], niter=5, pq_niter=5)
+            index.add(x)
+            q = (centers[rng.integers(0, 64, nq)] + 0.5 * rng.standard_normal((nq, d))).astype(np.float32)
+            qd = torch.from_numpy(q).to(ctx.device)
+            backend = "auto" if ctx.device.type == "cuda" else "triton"
+            D, I = index.search(qd, k, beam=beam, backend=backend)
+            ran_there = index._device_cache is not None and index._device_cache[0] == qd.device
+            D_cpu, I_cpu = index.search(q, k, beam=beam, backend="cpu")
+            tol = 2e-6 * M * max(1.0, float(np.abs(D_cpu).max()))
+            d_err = float(np.abs(D.cpu().numpy() - D_cpu).max())
+            same = float((I.cpu().numpy() == I_cpu).mean())
+            ok = ran_there and d_err <= tol and same >= 0.99
+            row.check = (f"{'ok' if ok else 'FAIL'} (ids equal {same:.3f}, max |dD| {d_err:.1e}"
+                         f"{'' if ran_there else ', NOT run on the device'})")
+            row.failed = not ok
+            row.triton_ms = ctx.bench(lambda: index.search(qd, k, beam=beam, backend=backend))
+            row.torch_ms = ctx.bench(lambda: index.search(q, k, beam=beam, backend="cpu"))
+
+        ctx.case("TreeIndex.search", f"nq={nq} N={N} d={d} M={M} leaves={int(np.prod(branching))} beam={beam}"
+                 f" k={k} (torch column: CPU path)", run)
+
+
 class _RowEncoder:
     """Builds a torch module texts "q<i>" -> a trainable linear map of fixed query vectors."""
 
@@ -678,7 +716,7 @@ def section_train(ctx):
 
 
 SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs,
-            section_index_search, section_ivf_search, section_train]
+            section_index_search, section_ivf_search, section_tree_search, section_train]
 
 
 # --------------------------------------------------------------------------- launch-config sweep
