@@ -189,3 +189,28 @@ def test_bad_inputs_raise(monkeypatch):
     D, I = ivf_search(q, C, codes, offsets, ids, ok, 3, check=False)
     D_ref, I_ref = ivf_search(q, C, codes, offsets, ids, ok, 3, backend="reference")
     np.testing.assert_array_equal(I, I_ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_int32_lists_and_non_contiguous_inputs(backend):
+    """Lists as int32 (NumPy or torch), a strided q, Fortran-ordered codes and a duplicated probe:
+    the same results as the reference on the clean inputs (a list probed twice is scanned twice)."""
+    if backend == "triton":
+        needs_interpreter()
+    rng = np.random.default_rng(21)
+    q, C, codes = problem(rng, 6, 32, 3, 500, 10)
+    offsets, ids, _ = lists(rng, 500, 9)
+    probes = np.stack([rng.choice(9, 3, replace=False) for _ in range(10)]).astype(np.int64)
+    probes[2, 1] = probes[2, 0]  # a duplicate probe
+    D_ref, I_ref = ivf_search(q, C, codes[ids], offsets, ids, probes, 12, backend="reference")
+    assert (np.bincount(I_ref[2][I_ref[2] >= 0]) > 1).any()  # the duplicated list's documents twice
+    wide = np.zeros((10, 2 * q.shape[1]), np.float32)
+    wide[:, ::2] = q
+    q_strided = wide[:, ::2]  # same values, not contiguous
+    codes_f = np.asfortranarray(codes[ids])
+    for lists_kind in ("numpy", "torch"):
+        as_kind = (lambda a: torch.from_numpy(a)) if lists_kind == "torch" else (lambda a: a)
+        D, I = ivf_search(q_strided, C, codes_f, as_kind(offsets.astype(np.int32)), as_kind(ids.astype(np.int32)),
+                          as_kind(probes.astype(np.int32)), 12, backend=backend)
+        np.testing.assert_array_equal(I, I_ref)
+        np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-5 * np.abs(D_ref).max())
