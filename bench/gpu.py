@@ -497,6 +497,21 @@ def section_ste_pairs(ctx):
         ctx.case("ste pairs fwd+bwd", f"B={B} P={P} N={N} D={D} M={M}", run)
 
 
+def check_against_cpu(row, D, I, D_cpu, I_cpu, M: int, ran_there: bool = True) -> None:
+    """Fill row.check / row.failed for a device top-k (D, I torch) against the same search on the
+    CPU (D_cpu, I_cpu NumPy): scores within 2e-6 * M * max|D|, ids equal on >= 99% of the entries
+    (they may differ at near-ties only), and the search ran on the device."""
+    import numpy as np
+
+    tol = 2e-6 * M * max(1.0, float(np.abs(D_cpu).max()))
+    d_err = float(np.abs(D.cpu().numpy() - D_cpu).max())
+    same = float((I.cpu().numpy() == I_cpu).mean())
+    ok = ran_there and d_err <= tol and same >= 0.99
+    row.check = (f"{'ok' if ok else 'FAIL'} (ids equal {same:.3f}, max |dD| {d_err:.1e}"
+                 f"{'' if ran_there else ', NOT run on the device'})")
+    row.failed = not ok
+
+
 def section_index_search(ctx, k: int = 10):
     """jpq.PQIndex.search end to end for torch queries on the device (rotation, LUT, Triton top-k,
     cached device copies of the codes), checked against the index's own CPU path on 4 queries;
@@ -520,13 +535,7 @@ def section_index_search(ctx, k: int = 10):
             D, I = index.search(q, k, backend=backend)
             ran_there = index._device_cache is not None and index._device_cache[0] == q.device
             D_cpu, I_cpu = index.search(q.cpu().numpy(), k, backend="cpu")  # every query
-            tol = 2e-6 * M * max(1.0, float(np.abs(D_cpu).max()))
-            d_err = float(np.abs(D.cpu().numpy() - D_cpu).max())
-            same = float((I.cpu().numpy() == I_cpu).mean())
-            ok = ran_there and d_err <= tol and same >= 0.99  # ids may differ at near-ties only
-            row.check = (f"{'ok' if ok else 'FAIL'} (ids equal {same:.3f}, max |dD| {d_err:.1e}"
-                         f"{'' if ran_there else ', NOT run on the device'})")
-            row.failed = not ok
+            check_against_cpu(row, D, I, D_cpu, I_cpu, M, ran_there)
             codes, C, R = index._device_arrays(q.device)
 
             def plain():
@@ -571,12 +580,7 @@ def section_ivf_search(ctx, k: int = 10):
             off_t, ids_t, probes_t = (torch.from_numpy(np.asarray(x, np.int64)).to(dev) for x in (offsets, ids, probes))
             D, I = ivf_search(qt, Ct, codes_t, off_t, ids_t, probes_t, k, backend="triton")
             D_cpu, I_cpu = ivf_search(q, C, list_codes, offsets, ids, probes, k, backend="cpu")
-            tol = 2e-6 * M * max(1.0, float(np.abs(D_cpu).max()))
-            d_err = float(np.abs(D.cpu().numpy() - D_cpu).max())
-            same = float((I.cpu().numpy() == I_cpu).mean())
-            ok = d_err <= tol and same >= 0.99  # ids may differ at near-ties only
-            row.check = f"{'ok' if ok else 'FAIL'} (ids equal {same:.3f}, max |dD| {d_err:.1e})"
-            row.failed = not ok
+            check_against_cpu(row, D, I, D_cpu, I_cpu, M)
             from jpq.kernels.adc import _build_lut_torch
 
             def plain():
@@ -616,13 +620,7 @@ def section_tree_search(ctx, k: int = 10):
             D, I = index.search(qd, k, beam=beam, backend=backend)
             ran_there = index._device_cache is not None and index._device_cache[0] == qd.device
             D_cpu, I_cpu = index.search(q, k, beam=beam, backend="cpu")
-            tol = 2e-6 * M * max(1.0, float(np.abs(D_cpu).max()))
-            d_err = float(np.abs(D.cpu().numpy() - D_cpu).max())
-            same = float((I.cpu().numpy() == I_cpu).mean())
-            ok = ran_there and d_err <= tol and same >= 0.99
-            row.check = (f"{'ok' if ok else 'FAIL'} (ids equal {same:.3f}, max |dD| {d_err:.1e}"
-                         f"{'' if ran_there else ', NOT run on the device'})")
-            row.failed = not ok
+            check_against_cpu(row, D, I, D_cpu, I_cpu, M, ran_there)
             row.triton_ms = ctx.bench(lambda: index.search(qd, k, beam=beam, backend=backend))
             row.torch_ms = ctx.bench(lambda: index.search(q, k, beam=beam, backend="cpu"))
 
