@@ -139,6 +139,14 @@ class VectorIndexInput:
             raise RuntimeError("the index is not trained: call train(x) or load a trained index first")
 
 
+def searches_on_device(kind, backend: str) -> bool:
+    """Whether an index search with queries of `kind` (`array_kind`) runs on their device: torch
+    queries with backend "triton", or on a CUDA device with "auto" and Triton installed. The rule
+    `PQIndex.search` and `TreeIndex.search` share."""
+    on_cuda = kind.is_torch and kind.device.type == "cuda"
+    return kind.is_torch and (backend == "triton" or (backend == "auto" and on_cuda and triton_importable()))
+
+
 class PQIndex(VectorIndexInput):
     """Product-quantization index with ADC search.
 
@@ -293,8 +301,7 @@ class PQIndex(VectorIndexInput):
         """
         kind = array_kind(q=q)
         k = check_k(k)
-        on_cuda = kind.is_torch and kind.device.type == "cuda"
-        if kind.is_torch and (backend == "triton" or (backend == "auto" and on_cuda and triton_importable())):
+        if searches_on_device(kind, backend):
             return self._search_on_device(q, k, backend="triton")
         # the LUT is a small GEMM on the CPU; `backend` picks the scan path over the codes
         lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")

@@ -85,11 +85,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .index import PQIndex, VectorIndexInput, train_pq_centroids
+from .index import PQIndex, VectorIndexInput, searches_on_device, train_pq_centroids
 from .kernels import assign
 from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
-from .kernels.dispatch import triton_importable
+from .kernels.dispatch import BACKENDS
 from .metrics import evaluate, mean_over_queries, per_query
 from .storage import atomic_write_json, read_container, write_container
 from .train import Checkpointing, TrainState, ce_loss, fit_and_refit, holdout_split
@@ -618,10 +618,9 @@ class TreeIndex(VectorIndexInput):
         """
         kind = array_kind(q=q)
         k = check_k(k)
-        if backend not in ("auto", "cpu", "reference", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'triton', 'cpu', 'reference'), got {backend!r}")
-        on_cuda = kind.is_torch and kind.device.type == "cuda"
-        on_device = kind.is_torch and (backend == "triton" or (backend == "auto" and on_cuda and triton_importable()))
+        if backend not in BACKENDS:  # before the routing: ivf_search would say it only after it
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        on_device = searches_on_device(kind, backend)
         self.pq._require_trained()
         qt = self.transform_queries(self._vectors("q", q))
         leaves, score = self.probe(qt, beam, transformed=True)
@@ -633,7 +632,7 @@ class TreeIndex(VectorIndexInput):
                               metric=self.metric, backend="triton", check=False)
         offsets, ids, _ = self._inverted_lists()
         D, I = ivf_search(self.pq.rotate(qt), self.pq.centroids, self._list_codes(), offsets, ids, probes, k,
-                          metric=self.metric, backend="cpu" if backend == "auto" else backend,
+                          metric=self.metric, backend=backend,
                           check=False)  # validated queries, the index's own centroids and codes
         return kind.wrap(D), kind.wrap(I)
 
