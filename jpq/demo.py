@@ -66,17 +66,18 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     without a settings.json (written by a jpq before it kept one) are refused too: what made them
     is unknown."""
     path = out_dir / "settings.json"
+    has_rows = (out_dir / "partial.json").exists()
     if path.exists():
         old = json.loads(path.read_text())
-        if old != settings and (out_dir / "partial.json").exists():
+        if old == settings:
+            return
+        if has_rows:
             diff = sorted({*_flat(old).items()} ^ {*_flat(settings).items()})
             keys = sorted({k for k, _ in diff})
             raise ValueError(f"{out_dir} holds demo results made with other settings ({', '.join(keys)} "
                              f"differ): pass the same options to resume it, or a fresh --out")
-        if old == settings:
-            return
         # a start that finished no row (e.g. it crashed): nothing to mix, the new settings hold
-    elif (out_dir / "partial.json").exists():
+    elif has_rows:
         raise ValueError(f"{out_dir} holds demo results without a settings.json (from an older jpq), so "
                          f"what made them is unknown: use a fresh --out")
     atomic_write_json(path, settings)
@@ -112,10 +113,6 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
     if not ratios or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 1
                              for r in ratios):
         raise ValueError(f"ratios must be compression ratios > 1 (e.g. 16, 32, 64, 96), got {ratios!r}")
-    for r in ratios:
-        M = m_for_ratio(ws.d, r)
-        if 4 * ws.d / M <= 1:
-            raise ValueError(f"ratio {r:g} gives M={M} bytes per {ws.d}-d vector: no compression")
     if len(ws.doc_emb) < 256:
         raise ValueError(f"the demo's 8-bit PQ indexes need at least 256 documents to train, "
                          f"the corpus has {len(ws.doc_emb)}")
