@@ -100,7 +100,7 @@ def cmd_index(args):
     ws = _workspace(args, need_train=False)
     M = args.M or m_for_ratio(ws.d, args.ratio, args.nbits)
     index = build_index(ws.doc_emb, M, opq=args.opq, nbits=args.nbits, seed=args.seed,
-                        anisotropic_eta=args.anisotropic_eta)
+                        anisotropic_eta=args.anisotropic_eta, unit_norm=args.unit_norm)
     index.save(args.out)
     print(f"{index} -> {args.out}")
 
@@ -118,7 +118,7 @@ def cmd_train(args):
     index = None
     if args.mode != "encoder":
         M = args.M or m_for_ratio(ws.d, args.ratio)
-        index = build_index(ws.doc_emb, M, opq=True, seed=args.seed)
+        index = build_index(ws.doc_emb, M, opq=True, seed=args.seed, unit_norm=args.unit_norm)
     cfg = _config(args)
     trainer, secs, selection = train_run(ws, cfg, index, out, resume=args.resume, progress=not args.quiet)
     if index is not None:
@@ -204,6 +204,7 @@ def build_parser():
     t.add_argument("--M", type=int, default=None)
     t.add_argument("--ratio", type=float, default=32)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--unit-norm", action="store_true", help="score reconstructions rescaled to unit norm (for unit-norm embeddings; jpq.PQIndex unit_norm)")
     _train_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -217,6 +218,7 @@ def build_parser():
     i.add_argument("--anisotropic-eta", type=float, default=1.0,
                    help="refit codebooks and codes to the anisotropic (score-aware) loss with this weight "
                         "on the error along each vector (default: %(default)s = plain k-means)")
+    i.add_argument("--unit-norm", action="store_true", help="score reconstructions rescaled to unit norm (for unit-norm embeddings; jpq.PQIndex unit_norm)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_index)
 

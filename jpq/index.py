@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .kernels import adc_topk, assign, build_lut
+from .kernels import adc_scores, adc_topk, assign, build_lut
 from .kernels.dispatch import triton_importable
 from .storage import read_container, write_container
 from .kernels.arrays import (
@@ -123,6 +123,25 @@ def unpack_codes(packed: np.ndarray, M: int, nbits: int) -> np.ndarray:
     return (bits << np.arange(nbits, dtype=np.uint8)).sum(-1).astype(np.uint8)
 
 
+# --------------------------------------------------------------------------- unit-norm reconstructions
+def unit_scale(norms):
+    """1 / norms as float32 (NumPy or torch, as given), with 1 where a norm is 0 (a zero
+    reconstruction scores 0 whatever its scale): the `doc_scale` of a unit_norm index."""
+    if isinstance(norms, torch.Tensor):
+        return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.ones_like(norms)).float()
+    with np.errstate(divide="ignore"):
+        return np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 1.0).astype(np.float32)
+
+
+def reconstruction_norms_torch(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(N,) norms of the reconstructions of codes (N, M) under centroids (M, K, ds), on their
+    device; differentiable in the centroids (the JPQ trainer scores with them). Makes an (N, M)
+    gather: for a batch's documents; whole-index norms without a graph use `adc_scores`."""
+    M = centroids.shape[0]
+    sq = (centroids * centroids).sum(-1)  # (M, K)
+    return sq[torch.arange(M, device=centroids.device), codes.long()].sum(-1).sqrt()
+
+
 # --------------------------------------------------------------------------- index
 class VectorIndexInput:
     """Input checks shared by the indexes (PQIndex, TreeIndex): needs `d` and `is_trained`."""
@@ -157,9 +176,19 @@ class PQIndex(VectorIndexInput):
         metric: "ip" (inner product, larger is better) or "l2" (squared L2, smaller is better).
         opq: learn an OPQ rotation before PQ in `train` (`train_opq`; exported to faiss as an
             OPQMatrix inside an IndexPreTransform).
+        unit_norm: the indexed vectors have unit norm (cosine embeddings, e.g. sentence-transformers
+            models that normalise): every reconstruction is rescaled to unit norm, so `search`
+            scores q . x_hat / ||x_hat|| and `decode` returns x_hat / ||x_hat||. The codes are the
+            same and no byte is added (the norm is known, not stored: norm-explicit quantization
+            with a constant norm); what changes is that a document whose reconstruction came out
+            short (large quantization error) no longer loses score for it. Metric "ip" only;
+            `to_faiss` refuses it (no faiss index rescales PQ reconstructions). On SciFact's
+            MiniLM vectors, zero-shot train-split queries, OPQ at 32x / 64x / 96x: nDCG@10 +0.004
+            to +0.022 (`bench/unit_norm.py`).
     """
 
-    def __init__(self, d: int, M: int, nbits: int = 8, metric: str = "ip", opq: bool = False):
+    def __init__(self, d: int, M: int, nbits: int = 8, metric: str = "ip", opq: bool = False,
+                 unit_norm: bool = False):
         for name, v in (("d", d), ("M", M), ("nbits", nbits)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -172,6 +201,12 @@ class PQIndex(VectorIndexInput):
         self.d, self.M, self.nbits = int(d), int(M), int(nbits)
         self.metric = check_metric(metric)
         self.opq = bool(opq)
+        if not isinstance(unit_norm, (bool, np.bool_)):
+            raise TypeError(f"unit_norm must be a bool, got {type(unit_norm).__name__}")
+        if unit_norm and self.metric != "ip":
+            raise ValueError(f"unit_norm rescales reconstructions for inner-product search: it needs "
+                             f"metric 'ip', got {self.metric!r}")
+        self.unit_norm = bool(unit_norm)
         self.centroids: np.ndarray | None = None  # (M, K, d // M) float32
         self.rotation: np.ndarray | None = None  # (d, d) float32; x_rot = x @ rotation.T
         self.codes = np.empty((0, self.M), np.uint8)  # (ntotal, M) uint8
@@ -203,7 +238,7 @@ class PQIndex(VectorIndexInput):
 
     def __repr__(self) -> str:
         return (f"PQIndex(d={self.d}, M={self.M}, nbits={self.nbits}, metric={self.metric!r}, "
-                f"opq={self.opq}, ntotal={self.ntotal})")
+                f"opq={self.opq}, {'unit_norm=True, ' if self.unit_norm else ''}ntotal={self.ntotal})")
 
     # ------------------------------------------------------------------ helpers
     def rotate(self, x: np.ndarray) -> np.ndarray:
@@ -248,17 +283,41 @@ class PQIndex(VectorIndexInput):
     sa_encode = encode
 
     def decode(self, codes) -> np.ndarray:
-        """(n, M) uint8 codes -> (n, d) float32 reconstructions in the original space."""
+        """(n, M) uint8 codes -> (n, d) float32 reconstructions in the original space (rescaled to
+        unit norm with `unit_norm`: then search scores are q . decode(code))."""
         self._require_trained()
         array_kind(codes=codes)
         codes = to_numpy_codes(check_codes(codes, self.M, self.K))
         x = self.centroids[np.arange(self.M)[None, :], codes].reshape(len(codes), self.d)
+        if self.unit_norm:
+            x = x * unit_scale(self.reconstruction_norms(codes))[:, None]
         return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation)
+
+    def reconstruction_norms(self, codes=None) -> np.ndarray:
+        """(n,) float32 norms ||x_hat|| of the plain reconstructions of `codes` (default: the
+        index's own), from the centroids' squared norms (the rotation keeps norms)."""
+        self._require_trained()
+        if codes is None:
+            codes = self.codes
+        else:
+            array_kind(codes=codes)
+            codes = to_numpy_codes(check_codes(codes, self.M, self.K))
+        sq = (self.centroids.astype(np.float64) ** 2).sum(-1).astype(np.float32)  # (M, K)
+        # an ADC scan with the squared norms as the one query's table: N floats, no (N, M) array
+        return np.sqrt(adc_scores(sq[None], codes, backend="cpu")[0])
 
     sa_decode = decode
 
     def add(self, x):
-        """Encode x (n, d) and append; ids continue from ntotal."""
+        """Encode x (n, d) and append; ids continue from ntotal. A unit_norm index refuses
+        vectors whose norm is not 1 (within 1e-3): it would score them as if it were."""
+        if self.unit_norm:
+            xs = self._vectors("x", x)
+            norms = np.linalg.norm(xs, axis=1)
+            if len(xs) and np.abs(norms - 1.0).max() > 1e-3:
+                raise ValueError(f"this index has unit_norm=True, but x has norms in [{norms.min():.4g}, "
+                                 f"{norms.max():.4g}]: normalise the vectors, or use unit_norm=False")
+            x = xs
         self.add_codes(self.encode(x))
 
     def add_codes(self, codes):
@@ -305,7 +364,8 @@ class PQIndex(VectorIndexInput):
             return self._search_on_device(q, k, backend="triton")
         # the LUT is a small GEMM on the CPU; `backend` picks the scan path over the codes
         lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
-        D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False)
+        scale = unit_scale(self.reconstruction_norms()) if self.unit_norm else None
+        D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
         return kind.wrap(D), kind.wrap(I)
 
     def drop_device_copies(self) -> None:
@@ -338,7 +398,11 @@ class PQIndex(VectorIndexInput):
         if rotation is not None:
             qd = qd @ rotation.T
         lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto")  # torch.bmm on the device
-        return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False)
+        scale = None
+        if self.unit_norm:
+            sq = (centroids * centroids).sum(-1).unsqueeze(0)  # (1, M, K): the squared norms as a query table
+            scale = unit_scale(adc_scores(sq, codes, backend=backend)[0].sqrt())
+        return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
 
     # ------------------------------------------------------------------ persistence
     def _arrays(self) -> dict:
@@ -355,14 +419,16 @@ class PQIndex(VectorIndexInput):
         Layout (`jpq.storage.write_container`): 8-byte magic, uint32 header length, JSON header
         (format version, parameters, array table, sha256 of the payload), the raw arrays.
         """
-        params = {"d": self.d, "M": self.M, "nbits": self.nbits, "metric": self.metric, "opq": self.opq}
+        params = {"d": self.d, "M": self.M, "nbits": self.nbits, "metric": self.metric, "opq": self.opq,
+                  "unit_norm": self.unit_norm}
         write_container(path, FORMAT_MAGIC, "jpq.PQIndex", FORMAT_VERSION, params, self._arrays())
 
     @classmethod
     def load(cls, path) -> "PQIndex":
         """Read a file written by `save`; a foreign, truncated or corrupted file raises ValueError."""
         header, arrays = read_container(path, FORMAT_MAGIC, "jpq.PQIndex", FORMAT_VERSION, "jpq index")
-        index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"])
+        index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"],
+                    unit_norm=header.get("unit_norm", False))  # files from before it have plain reconstructions
         for name, a in arrays.items():
             setattr(index, name, a)
         index._check_arrays(f"{path}: ")  # search trusts them: a wrong file must not read out of bounds
@@ -389,6 +455,10 @@ class PQIndex(VectorIndexInput):
         import faiss
 
         self._require_trained()
+        if self.unit_norm:
+            raise ValueError("this index has unit_norm=True (reconstructions rescaled to unit norm), which no faiss "
+                             "index computes from PQ codes; export a copy with unit_norm = False to get faiss' plain "
+                             "inner products over the same codes (other scores and rankings)")
         fmetric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
         pq_index = faiss.IndexPQ(self.d, self.M, self.nbits, fmetric)
         faiss.copy_array_to_vector(self.centroids.ravel(), pq_index.pq.centroids)
@@ -513,7 +583,7 @@ def query_aware_codebooks(index: PQIndex, x, queries, shrinkage: float = 0.3, ni
     Cw = train_pq_centroids(xt, M, K, niter=niter, seed=seed, init=init)
     # C_m = Cw_m L_m^{-1}, i.e. solve L_m^T C_m^T = Cw_m^T
     C = np.stack([np.linalg.solve(L[m].T, Cw[m].astype(np.float64).T).T for m in range(M)])
-    out = PQIndex(d, M, nbits=index.nbits, metric=index.metric, opq=index.opq)
+    out = PQIndex(d, M, nbits=index.nbits, metric=index.metric, opq=index.opq, unit_norm=index.unit_norm)
     out.rotation = None if index.rotation is None else index.rotation.copy()
     out.centroids = np.ascontiguousarray(C, dtype=np.float32)
     out.reset()
@@ -655,7 +725,7 @@ def anisotropic_codebooks(index: "PQIndex", x, eta: float = 4.0, iterations: int
         _anisotropic_update_codebooks(y, u, C, codes, s, eta)
     del y, u
     whole = len(train_rows) == len(x)
-    out = PQIndex(d, M, nbits=index.nbits, metric=index.metric, opq=index.opq)
+    out = PQIndex(d, M, nbits=index.nbits, metric=index.metric, opq=index.opq, unit_norm=index.unit_norm)
     out.rotation = None if index.rotation is None else index.rotation.copy()
     out.centroids = np.ascontiguousarray(C.numpy(), dtype=np.float32)
     C = torch.from_numpy(out.centroids).double()  # encode against the float32 centroids the index keeps

@@ -146,10 +146,11 @@ def m_for_ratio(d: int, ratio: float, nbits: int = 8) -> int:
 
 
 def build_index(doc_emb: np.ndarray, M: int, opq: bool, nbits: int = 8, seed: int = 0,
-                anisotropic_eta: float = 1.0) -> PQIndex:
+                anisotropic_eta: float = 1.0, unit_norm: bool = False) -> PQIndex:
     """A post-hoc inner-product (O)PQ index of doc_emb; with anisotropic_eta > 1 its codebooks and
-    codes are then refit to the anisotropic loss (`jpq.index.anisotropic_codebooks`)."""
-    index = PQIndex(doc_emb.shape[1], M, nbits=nbits, metric="ip", opq=opq)
+    codes are then refit to the anisotropic loss (`jpq.index.anisotropic_codebooks`); `unit_norm`:
+    see `PQIndex`."""
+    index = PQIndex(doc_emb.shape[1], M, nbits=nbits, metric="ip", opq=opq, unit_norm=unit_norm)
     index.train(doc_emb, seed=seed)
     index.add(doc_emb)
     if anisotropic_eta != 1.0:

@@ -17,6 +17,10 @@ index's codebooks and codes are refit to the anisotropic loss (`jpq.index.anisot
 `anisotropic_eta` > 1; inner-product indexes) or to the inner-product error the training queries
 see (`jpq.index.query_aware_codebooks`, `query_aware_init`); from then on the codes are fixed.
 
+With an index built with `unit_norm=True` (`jpq.PQIndex`) every score, in the loss, the hard-negative
+search and validation alike, is that of the reconstructions rescaled to unit norm, as the trained
+index searches (the norms are part of the graph); the reconstruction terms stay the plain error.
+
 Modes: "jpq" (encoder + centroids), "centroids" (encoder frozen: query vectors are computed once),
 "encoder" (uncompressed-trained / ADORE-style: the index is the identity, documents exact).
 
@@ -43,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .index import PQIndex, anisotropic_codebooks, check_eta, query_aware_codebooks
-from .kernels import adc_topk, build_lut
+from .index import (PQIndex, anisotropic_codebooks, check_eta, query_aware_codebooks, reconstruction_norms_torch,
+                    unit_scale)
+from .kernels import adc_scores, adc_topk, build_lut
 from .kernels.arrays import to_numpy_f32
 from .metrics import evaluate
 from .metrics import per_query as per_query_metrics
@@ -568,8 +573,12 @@ class JPQTrainer(Checkpointing):
             scores = qn @ self.X_t.T
             D, I = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         else:
-            lut = build_lut(qn, self.centroids.detach(), metric="ip")
-            D, I = adc_topk(lut, self.codes, k, metric="ip", check=False)
+            C = self.centroids.detach()
+            lut = build_lut(qn, C, metric="ip")
+            scale = None
+            if self.index.unit_norm:  # the squared centroid norms as one query's table: N norms, one scan
+                scale = unit_scale(adc_scores((C * C).sum(-1).unsqueeze(0), self.codes)[0].sqrt())
+            D, I = adc_topk(lut, self.codes, k, metric="ip", check=False, doc_scale=scale)
         return D.cpu().numpy(), I.cpu().numpy().astype(np.int64)
 
     def evaluate_ids(self, ids: list[str], k: int = 100, metrics=("ndcg@10", "mrr@10", "recall@100"),
@@ -652,11 +661,16 @@ class JPQTrainer(Checkpointing):
         doc_index = torch.from_numpy(inv.reshape(cand.shape)).to(dev)
         if not recon:
             scores = quantize_and_score(self._rotate(q), self.centroids, codes=self.codes[uniq], doc_index=doc_index)
-            return scores, torch.zeros((), device=dev)
-        scores, error = quantize_and_score(self._rotate(q), self.centroids, codes=self.codes[uniq],
-                                           x=self._rotate(self.X_t[uniq]), doc_index=doc_index,
-                                           return_recon_error=True)
-        return scores, error.mean()
+            error = torch.zeros((), device=dev)
+        else:
+            scores, error = quantize_and_score(self._rotate(q), self.centroids, codes=self.codes[uniq],
+                                               x=self._rotate(self.X_t[uniq]), doc_index=doc_index,
+                                               return_recon_error=True)
+            error = error.mean()
+        if self.index.unit_norm:  # as the index scores: reconstructions rescaled to unit norm
+            norms = reconstruction_norms_torch(self.centroids, self.codes[uniq])
+            scores = scores / norms.clamp_min(1e-12)[doc_index]
+        return scores, error
 
     def step(self, ids: list[str]) -> dict:
         q = self._queries(ids, grad=self.train_encoder)

@@ -2,9 +2,14 @@
 
     lut[q, m, k]  = <query[q, m*ds:(m+1)*ds], centroids[m, k]>          (metric "ip")
                   = || query[q, m*ds:(m+1)*ds] - centroids[m, k] ||^2   (metric "l2")
-    score[q, n]   = sum_m lut[q, m, codes[n, m]]
+    score[q, n]   = sum_m lut[q, m, codes[n, m]]                         (times doc_scale[n],
+                                                                         "ip", when given)
     top-k         = the k largest scores per query ("ip") or the k smallest ("l2"),
                     ties broken by the smaller document id; -1 ids past the end.
+
+`doc_scale` (optional, `adc_topk`): one positive factor per document, applied to its summed
+score before ranking. `jpq.PQIndex(unit_norm=True)` passes 1 / ||x_hat|| (the norm of each
+document's reconstruction): the scores are then those of the reconstructions rescaled to unit norm.
 
 Paths:
 - reference (NumPy, float64): `build_lut_reference`, `adc_scores_reference`, `adc_topk_reference`.
@@ -85,8 +90,16 @@ def topk_from_scores(scores: np.ndarray, k: int, metric: str):
     return D, I
 
 
-def adc_topk_reference(lut: np.ndarray, codes: np.ndarray, k: int, metric: str = "ip"):
-    return topk_from_scores(adc_scores_reference(lut, codes), k, metric)
+def adc_topk_reference(lut: np.ndarray, codes: np.ndarray, k: int, metric: str = "ip",
+                       doc_scale: np.ndarray | None = None):
+    """Loop form: scores as `adc_scores_reference` (float64 sums), times doc_scale[n] when given,
+    then `topk_from_scores`."""
+    if doc_scale is None:
+        return topk_from_scores(adc_scores_reference(lut, codes), k, metric)
+    lut = np.asarray(lut, dtype=np.float64)
+    codes = np.asarray(codes, dtype=np.int64)
+    sums = lut[:, np.arange(lut.shape[1])[None, :], codes].sum(-1)
+    return topk_from_scores((sums * np.asarray(doc_scale, np.float64)[None]).astype(np.float32), k, metric)
 
 
 # --------------------------------------------------------------------------- CPU fast path
@@ -141,8 +154,10 @@ def _score_block(codes, lut_mkq, start, rows, block):
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _topk_many_queries(codes, lut_mkq, heap_v, heap_i):
-    """codes (N, M) u8; lut_mkq (M, K, Q) f32 (higher = better); heap_v/heap_i (P, Q, k)."""
+def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
+    """codes (N, M) u8; lut_mkq (M, K, Q) f32 (higher = better); doc_scale (N,) f32, or empty for
+    none; heap_v/heap_i (P, Q, k)."""
+    scaled = doc_scale.shape[0] > 0
     n, M = codes.shape
     Q = lut_mkq.shape[2]
     P = heap_v.shape[0]
@@ -154,6 +169,11 @@ def _topk_many_queries(codes, lut_mkq, heap_v, heap_i):
         for s in range(start, stop, DOCS_PER_BLOCK):
             rows = min(stop, s + DOCS_PER_BLOCK) - s
             _score_block(codes, lut_mkq, s, rows, block)
+            if scaled:
+                for i in range(rows):
+                    f = doc_scale[s + i]
+                    for q in range(Q):
+                        block[i, q] *= f
             for q in range(Q):
                 hv = heap_v[p, q]
                 hi = heap_i[p, q]
@@ -164,9 +184,11 @@ def _topk_many_queries(codes, lut_mkq, heap_v, heap_i):
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _topk_one_query(codes, lut_mk, heap_v, heap_i):
-    """codes (N, M) u8; lut_mk (M, K) f32 (higher = better); heap_v/heap_i (P, k)."""
+def _topk_one_query(codes, lut_mk, doc_scale, heap_v, heap_i):
+    """codes (N, M) u8; lut_mk (M, K) f32 (higher = better); doc_scale (N,) f32, or empty for
+    none; heap_v/heap_i (P, k)."""
     n, M = codes.shape
+    scaled = doc_scale.shape[0] > 0
     P = heap_v.shape[0]
     share = (n + P - 1) // P
     for p in nb.prange(P):
@@ -178,6 +200,8 @@ def _topk_one_query(codes, lut_mk, heap_v, heap_i):
             acc = np.float32(0.0)
             for m in range(M):
                 acc += lut_mk[m, codes[i, m]]
+            if scaled:
+                acc *= doc_scale[i]
             if _worse(hv[0], hi[0], acc, i):
                 _heap_replace_root(hv, hi, acc, i)
 
@@ -259,8 +283,9 @@ def _num_partitions(n: int) -> int:
     return max(1, min(nb.get_num_threads(), n))
 
 
-def _adc_topk_cpu(lut: np.ndarray, codes: np.ndarray, k: int, metric: str):
-    """lut (nq, M, K) f32, codes (N, M) u8 -> D (nq, k) f32, I (nq, k) i64."""
+def _adc_topk_cpu(lut: np.ndarray, codes: np.ndarray, k: int, metric: str, doc_scale: np.ndarray | None = None):
+    """lut (nq, M, K) f32, codes (N, M) u8, doc_scale (N,) f32 or None -> D (nq, k) f32, I (nq, k) i64."""
+    scale = np.empty(0, np.float32) if doc_scale is None else doc_scale
     nq, M, K = lut.shape
     N = codes.shape[0]
     # maximise always: for L2 the smallest distance is the largest negated distance
@@ -276,9 +301,9 @@ def _adc_topk_cpu(lut: np.ndarray, codes: np.ndarray, k: int, metric: str):
         if N:
             if q1 - q0 <= FEW_QUERIES:
                 for j in range(q1 - q0):
-                    _topk_one_query(codes, np.ascontiguousarray(tile[j]), heap_v[:, j], heap_i[:, j])
+                    _topk_one_query(codes, np.ascontiguousarray(tile[j]), scale, heap_v[:, j], heap_i[:, j])
             else:
-                _topk_many_queries(codes, np.ascontiguousarray(tile.transpose(1, 2, 0)), heap_v, heap_i)
+                _topk_many_queries(codes, np.ascontiguousarray(tile.transpose(1, 2, 0)), scale, heap_v, heap_i)
         v, i = _merge_heaps(heap_v, heap_i, k)
         D[q0:q1] = sign * v
         I[q0:q1] = i
@@ -345,7 +370,8 @@ def scores_of_keys(keys: torch.Tensor, largest: bool) -> tuple[torch.Tensor, tor
     return (s if largest else -s + 0.0), 0xFFFFFFFF - (keys & 0xFFFFFFFF)  # + 0.0: no -0.0 distances
 
 
-def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str):
+def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str,
+                     doc_scale: torch.Tensor | None = None):
     nq = lut.shape[0]
     N = codes.shape[0]
     if N >= 1 << 32:
@@ -355,6 +381,8 @@ def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str
     chunk = max(TRITON_MIN_DOCS_PER_CHUNK, TRITON_SCORES_PER_CHUNK // max(1, nq))
     for s in range(0, N, chunk):
         scores = _adc_scores_triton(lut, codes[s : s + chunk])
+        if doc_scale is not None:
+            scores *= doc_scale[s : s + chunk]
         ids = torch.arange(s, s + scores.shape[1], device=lut.device)
         keys = torch.cat([best, order_keys(scores, ids.expand_as(scores), largest)], 1)
         del scores
@@ -438,7 +466,21 @@ def adc_scores(lut, codes, backend: str = "auto"):
     return kind.wrap(_adc_scores_cpu(to_numpy_f32(lut), to_numpy_codes(codes)))
 
 
-def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", check: bool = True):
+def _check_doc_scale(doc_scale, n: int, metric: str):
+    """doc_scale: None, or (n,) floating, finite and > 0, with metric "ip"."""
+    if doc_scale is None:
+        return
+    if metric != "ip":
+        raise ValueError(f"doc_scale multiplies inner-product scores: it needs metric 'ip', got {metric!r}")
+    check_float_matrix("doc_scale", doc_scale, ndim=1)
+    if doc_scale.shape[0] != n:
+        raise ValueError(f"doc_scale must have shape ({n},) (one factor per code row), got {tuple(doc_scale.shape)}")
+    if n and not bool((doc_scale > 0).all()):
+        raise ValueError("doc_scale must be > 0 everywhere (a factor <= 0 would reverse or erase a document's score)")
+
+
+def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", check: bool = True,
+             doc_scale=None):
     """Top-k documents per query by ADC score.
 
     Args:
@@ -449,20 +491,27 @@ def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", chec
         metric: "ip" keeps the largest scores, "l2" the smallest.
         check: validate the code range, a pass over all codes (skip only for codes validated
             before, as PQIndex does); shapes and dtypes are checked either way.
+        doc_scale: optional shape=(N,), float32, > 0: document n's score is multiplied by
+            doc_scale[n] before ranking (metric "ip" only; D holds the scaled scores).
+            `PQIndex(unit_norm=True)` passes 1 / ||reconstruction||.
 
     Returns:
         D: shape=(nq, k), float32, best first; I: shape=(nq, k), int64 (ties: smaller id first).
     """
-    kind = array_kind(lut=lut, codes=codes)
+    kind = array_kind(lut=lut, codes=codes, doc_scale=doc_scale)
     k = check_k(k)
     check_metric(metric)
     _check_lut(lut)
     check_codes(codes, lut.shape[1], lut.shape[2], values=check)
+    _check_doc_scale(doc_scale, codes.shape[0], metric)
     path = resolve_backend(backend, kind)
     if path == "triton":
-        D, I = _adc_topk_triton(_as_torch_f32(lut, kind), _as_torch_codes(codes, kind), k, metric)
+        scale = None if doc_scale is None else _as_torch_f32(doc_scale, kind)
+        D, I = _adc_topk_triton(_as_torch_f32(lut, kind), _as_torch_codes(codes, kind), k, metric, scale)
     elif path == "reference":
-        D, I = adc_topk_reference(to_numpy_f32(lut), to_numpy_codes(codes), k, metric)
+        scale = None if doc_scale is None else to_numpy_f32(doc_scale)
+        D, I = adc_topk_reference(to_numpy_f32(lut), to_numpy_codes(codes), k, metric, scale)
     else:
-        D, I = _adc_topk_cpu(to_numpy_f32(lut), to_numpy_codes(codes), k, metric)
+        scale = None if doc_scale is None else to_numpy_f32(doc_scale)
+        D, I = _adc_topk_cpu(to_numpy_f32(lut), to_numpy_codes(codes), k, metric, scale)
     return kind.wrap(D), kind.wrap(I)

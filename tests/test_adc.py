@@ -68,6 +68,65 @@ def test_adc_topk_matches_reference(backend, metric, M, K, ds, N, nq, k, as_torc
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,K,ds,N,nq,k", SHAPES)
+@pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch"])
+def test_adc_topk_with_doc_scale_matches_reference(backend, M, K, ds, N, nq, k, as_torch):
+    """doc_scale multiplies each document's summed score before ranking (one-query and
+    multi-query CPU kernels, the Triton chunks, the reference); factors spread over 0.2-5 so the
+    order really changes."""
+    rng = np.random.default_rng(M * 1000 + N + nq + 5)
+    N = shrink(N, backend)
+    C, codes, q = random_pq(rng, M, K, ds, N, nq)
+    doc_scale = np.exp(rng.uniform(-1.6, 1.6, N)).astype(np.float32)
+    lut_ref = build_lut_reference(q, C, "ip")
+    scores_ref = (adc_scores_reference(lut_ref, codes).astype(np.float64) * doc_scale).astype(np.float32)
+    D_ref, I_ref = topk_from_scores(scores_ref, k, "ip")
+    lut_in, codes_in, scale_in = to_kind([lut_ref, codes, doc_scale], as_torch)
+    D, I = adc_topk(lut_in, codes_in, k, backend=backend, doc_scale=scale_in)
+    assert isinstance(D, torch.Tensor) == as_torch
+    scale = 5 * (np.abs(lut_ref).max() if lut_ref.size else 1.0)
+    assert_topk_matches(D, I, D_ref, I_ref, scores_ref, atol=4e-6 * M * scale)
+    if N and nq:
+        D0, I0 = adc_topk(lut_in, codes_in, k, backend=backend)  # without it: another ranking
+        assert not np.array_equal(numpy_of(I0), numpy_of(I)) or N == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_doc_scale_of_ones_changes_nothing(backend):
+    """x * 1.0f is exact: a scale of ones gives bitwise the unscaled search."""
+    rng = np.random.default_rng(11)
+    C, codes, q = random_pq(rng, 8, 256, 2, shrink(1000, backend), 9)
+    lut = build_lut_reference(q, C, "ip")
+    args = to_kind([lut, codes], backend == "triton")
+    D0, I0 = adc_topk(*args, 10, backend=backend)
+    ones = np.ones(len(codes), np.float32)
+    D1, I1 = adc_topk(*args, 10, backend=backend, doc_scale=to_kind([ones], backend == "triton")[0])
+    np.testing.assert_array_equal(numpy_of(I0), numpy_of(I1))
+    np.testing.assert_array_equal(numpy_of(D0), numpy_of(D1))
+
+
+@pytest.mark.parametrize(
+    "scale, metric, error, match",
+    [
+        (np.ones(9, np.float32), "ip", ValueError, r"doc_scale must have shape \(10,\)"),
+        (np.ones((10, 1), np.float32), "ip", ValueError, "doc_scale must have 1 dimensions"),
+        (np.zeros(10, np.float32), "ip", ValueError, "doc_scale must be > 0"),
+        (-np.ones(10, np.float32), "ip", ValueError, "doc_scale must be > 0"),
+        (np.full(10, np.nan, np.float32), "ip", ValueError, "NaN"),
+        (np.ones(10, np.int32), "ip", TypeError, "doc_scale must be a floating"),
+        (np.ones(10, np.float32), "l2", ValueError, "needs metric 'ip'"),
+        (torch.ones(10), "ip", TypeError, "all NumPy arrays or all torch"),
+    ],
+)
+def test_bad_doc_scale_raises_clear_errors(scale, metric, error, match):
+    rng = np.random.default_rng(0)
+    lut = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    codes = rng.integers(0, 8, (10, 4)).astype(np.uint8)
+    with pytest.raises(error, match=match):
+        adc_topk(lut, codes, 3, metric=metric, doc_scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,K,ds,N,nq,k", SHAPES)
 def test_adc_scores_matches_reference(backend, M, K, ds, N, nq, k):
     rng = np.random.default_rng(7 + M + N)
     N = shrink(N, backend)

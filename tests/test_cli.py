@@ -119,6 +119,16 @@ def test_test_only_folder_indexes_and_evaluates_but_does_not_train(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jpq", "eval", *common, "--index", str(tmp_path / "i.jpq")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "ndcg@10" in proc.stdout, proc.stderr[-3000:]
+    # the same with unit-norm reconstructions (the encoder normalises, as MiniLM does)
+    proc = subprocess.run([sys.executable, "-m", "jpq", "index", *common, "--out", str(tmp_path / "u.jpq"),
+                           "--ratio", "32", "--nbits", "4", "--unit-norm"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "unit_norm=True" in proc.stdout, proc.stderr[-3000:]
+    from jpq import PQIndex
+
+    assert PQIndex.load(tmp_path / "u.jpq").unit_norm
+    proc = subprocess.run([sys.executable, "-m", "jpq", "eval", *common, "--index", str(tmp_path / "u.jpq")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "ndcg@10" in proc.stdout, proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-m", "jpq", "demo", *common, "--out", str(tmp_path / "d")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "needs a train split" in proc.stderr and "Traceback" not in proc.stderr

@@ -498,3 +498,87 @@ def test_anisotropic_codebooks_reject_bad_input():
         anisotropic_codebooks("index", x)
     with pytest.raises(RuntimeError):
         anisotropic_codebooks(jpq.PQIndex(16, 4, nbits=4), x)
+
+
+# --------------------------------------------------------------------------- unit-norm reconstructions
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("opq", [False, True])
+@pytest.mark.parametrize("nq", [1, 25])  # the one-query and the multi-query CPU kernels
+def test_unit_norm_search_scores_the_rescaled_reconstructions(data, opq, nq):
+    """unit_norm: search ranks by q . x_hat / ||x_hat||, which is q . decode(code), on every path;
+    the codes and centroids are those of the plain index, and the ranking differs from it."""
+    x, q = data
+    x, q = _unit(x), q[:nq]
+    plain = trained(x, opq=opq)
+    index = jpq.PQIndex(32, 8, opq=opq, unit_norm=True)
+    index.train(x, niter=8, opq_iterations=5)
+    index.add(x)
+    np.testing.assert_array_equal(index.codes, plain.codes)
+    rec = index.decode(index.codes)
+    np.testing.assert_allclose(np.linalg.norm(rec, axis=1), 1.0, rtol=1e-5)
+    raw = plain.decode(plain.codes)
+    norms = np.linalg.norm(raw, axis=1)
+    np.testing.assert_allclose(index.reconstruction_norms(), norms, rtol=1e-5)
+    assert norms.std() > 0.01  # the rescaling is not a no-op on this data
+    scores = (q.astype(np.float64) @ (raw / norms[:, None]).T.astype(np.float64)).astype(np.float32)
+    D_ref, I_ref = topk_from_scores(scores, 20, "ip")
+    for backend in ("cpu", "reference"):
+        D, I = index.search(q, 20, backend=backend)
+        assert_topk_matches(D, I, D_ref, I_ref, scores, atol=1e-4)
+    assert not np.array_equal(index.search(q, 20)[1], plain.search(q, 20)[1])
+
+
+@pytest.mark.interpreter
+def test_unit_norm_device_search_matches_the_cpu(data):
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    x, q = data
+    x = _unit(x[:400])
+    index = jpq.PQIndex(32, 8, nbits=6, opq=True, unit_norm=True)
+    index.train(x, niter=5, opq_iterations=3)
+    index.add(x)
+    D, I = index.search(q[:6], 10)
+    Dt, It = index.search(torch.from_numpy(q[:6]), 10, backend="triton")
+    raw = jpq.PQIndex.decode(index, index.codes)  # already rescaled: scores are q . rec
+    scores = (q[:6] @ raw.T).astype(np.float32)
+    assert_topk_matches(Dt, It, D, I, scores, atol=1e-4)
+
+
+def test_unit_norm_saves_loads_and_refuses_faiss_export(tmp_path, data):
+    x, q = data
+    x = _unit(x)
+    index = jpq.PQIndex(32, 8, opq=True, unit_norm=True)
+    index.train(x, niter=5, opq_iterations=3)
+    index.add(x)
+    index.save(tmp_path / "u.jpq")
+    back = jpq.PQIndex.load(tmp_path / "u.jpq")
+    assert back.unit_norm and "unit_norm=True" in repr(back)
+    np.testing.assert_array_equal(back.search(q, 5)[1], index.search(q, 5)[1])
+    with pytest.raises(ValueError, match="unit_norm=True.*no faiss index"):
+        index.to_faiss()
+    index.unit_norm = False  # the plain inner products over the same codes export as before
+    f = index.to_faiss()
+    np.testing.assert_array_equal(f.search(q, 5)[1], index.search(q, 5)[1])
+
+
+def test_unit_norm_constructor_errors():
+    with pytest.raises(ValueError, match="needs metric 'ip'"):
+        jpq.PQIndex(8, 2, metric="l2", unit_norm=True)
+    with pytest.raises(TypeError, match="unit_norm must be a bool"):
+        jpq.PQIndex(8, 2, unit_norm="yes")
+
+
+def test_unit_norm_index_refuses_vectors_that_are_not_unit_norm(data):
+    x, _ = data
+    index = jpq.PQIndex(32, 8, unit_norm=True)
+    index.train(x, niter=2)  # training needs no unit norm (the codebooks are plain k-means)
+    with pytest.raises(ValueError, match="unit_norm=True, but x has norms in"):
+        index.add(x)
+    index.add(_unit(x[:10]))
+    assert index.ntotal == 10

@@ -38,11 +38,11 @@ def synthetic_task(seed=0, n_docs=600, n_queries=240, d=16):
     return X, Q.astype(np.float32), ids, qrels
 
 
-def make_trainer(mode="jpq", out_dir=None, epochs=4, seed=0, pseudo_queries=None, **kw):
+def make_trainer(mode="jpq", out_dir=None, epochs=4, seed=0, pseudo_queries=None, unit_norm=False, **kw):
     X, Q, ids, qrels = synthetic_task(seed)
     index = None
     if mode != "encoder":
-        index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip", opq=False)
+        index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip", opq=False, unit_norm=unit_norm)
         index.train(X, niter=10, seed=seed)
         index.add(X)
     enc = ToyEncoder(Q) if mode in ("jpq", "encoder") else None
@@ -535,3 +535,35 @@ def test_train_run_embeds_the_pseudo_queries_once_and_hands_them_to_every_traine
     ws2.dataset.corpus_titles, ws2.encoder, ws2.cache_dir = ws.dataset.corpus_titles, StubEncoder(), ws.cache_dir
     np.testing.assert_array_equal(ws2.pseudo_query_emb(progress=False), ws.doc_emb * 2)
     assert sum(len(c) for c in calls) == len(ws.doc_emb)
+
+
+def test_unit_norm_index_trains_and_scores_as_it_searches():
+    """With a unit_norm index the trainer ranks (hard negatives, validation) and scores (the loss)
+    the reconstructions rescaled to unit norm, as the trained index searches; training still
+    improves its own metric, and the gradient reaches the centroids through the norms."""
+    trainer = make_trainer("jpq", epochs=5, unit_norm=True)
+    before = trainer.evaluate_ids(trainer.train_ids)["ndcg@10"]
+    trainer.fit()
+    assert trainer.evaluate_ids(trainer.train_ids)["ndcg@10"] > before + 0.02
+    index = trainer.trained_index()
+    assert index.unit_norm
+    q = trainer._queries(trainer.train_ids[:9], grad=False)
+    D, I = trainer.search(q, 15)
+    D_ref, I_ref = index.search(q.numpy(), 15)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-6)
+    rec = index.decode(index.codes)  # unit-norm reconstructions
+    cand = I[:, :6]
+    scores, _ = trainer._scores(q, cand)
+    expected = np.einsum("bd,bpd->bp", q.numpy(), rec[cand])
+    np.testing.assert_allclose(scores.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    # the gradient is that of q . x_hat / ||x_hat|| in plain torch autograd (norms included)
+    weights = torch.randn(cand.shape)
+    trainer.centroids.grad = None
+    (trainer._scores(q, cand)[0] * weights).sum().backward()
+    C = trainer.centroids.detach().clone().requires_grad_(True)
+    codes = torch.from_numpy(index.codes[cand]).long()  # (B, P, M)
+    x_hat = C[torch.arange(C.shape[0]), codes].flatten(2)  # (B, P, d)
+    ref = torch.einsum("bd,bpd->bp", q, x_hat / x_hat.norm(dim=-1, keepdim=True))
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(trainer.centroids.grad, C.grad, rtol=1e-4, atol=1e-5)
