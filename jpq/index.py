@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -364,9 +365,21 @@ class PQIndex(VectorIndexInput):
             return self._search_on_device(q, k, backend="triton")
         # the LUT is a small GEMM on the CPU; `backend` picks the scan path over the codes
         lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
-        scale = unit_scale(self.reconstruction_norms()) if self.unit_norm else None
+        scale = self._unit_scale() if self.unit_norm else None
         D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
         return kind.wrap(D), kind.wrap(I)
+
+    def _unit_scale(self) -> np.ndarray:
+        """1 / ||x_hat|| of every indexed code (the doc_scale of a unit_norm search), kept between
+        searches: computed again when `codes` or `centroids` is replaced or the centroids' values
+        change (a checksum of them, cheap: they are small); in-place edits of `codes` are not seen
+        (the codes of an index never change in place in jpq)."""
+        arrays = (self.codes, self.centroids)  # held by the cache, so their ids cannot be reused
+        stamp = (self.codes.shape, zlib.crc32(np.ascontiguousarray(self.centroids)))
+        cache = getattr(self, "_unit_scale_cache", None)
+        if cache is None or any(a is not b for a, b in zip(cache[0], arrays)) or cache[1] != stamp:
+            self._unit_scale_cache = (arrays, stamp, unit_scale(self.reconstruction_norms()))
+        return self._unit_scale_cache[2]
 
     def drop_device_copies(self) -> None:
         """Forget the device copies `search` keeps (frees their memory; the next device search

@@ -582,3 +582,28 @@ def test_unit_norm_index_refuses_vectors_that_are_not_unit_norm(data):
         index.add(x)
     index.add(_unit(x[:10]))
     assert index.ntotal == 10
+
+
+def test_unit_norm_scales_follow_new_codes_and_edited_centroids(data):
+    """The per-document scales are kept between searches and made again when the codes or the
+    centroids are replaced, or the centroids are edited in place."""
+    x, q = data
+    x = _unit(x)
+    index = jpq.PQIndex(32, 8, unit_norm=True)
+    index.train(x, niter=5)
+    index.add(x[:1000])
+
+    def expected():
+        raw = jpq.PQIndex(32, 8)
+        raw.centroids, raw.codes = index.centroids, index.codes
+        rec = raw.decode(raw.codes)
+        return topk_from_scores((q @ (rec / np.linalg.norm(rec, axis=1, keepdims=True)).T).astype(np.float32), 10, "ip")
+
+    np.testing.assert_array_equal(index.search(q, 10)[1], expected()[1])
+    index.add(x[1000:1500])  # replaced codes
+    np.testing.assert_array_equal(index.search(q, 10)[1], expected()[1])
+    rng = np.random.default_rng(1)
+    index.centroids[:, :, :] *= rng.uniform(0.3, 3.0, (8, 256, 1)).astype(np.float32)  # in place
+    np.testing.assert_array_equal(index.search(q, 10)[1], expected()[1])
+    index.centroids = index.centroids[::-1].copy()  # replaced
+    np.testing.assert_array_equal(index.search(q, 10)[1], expected()[1])
