@@ -515,18 +515,19 @@ def check_against_cpu(row, D, I, D_cpu, I_cpu, M: int, ran_there: bool = True) -
 def section_index_search(ctx, k: int = 10):
     """jpq.PQIndex.search end to end for torch queries on the device (rotation, LUT, Triton top-k,
     cached device copies of the codes), checked against the index's own CPU path on 4 queries;
-    baseline: the same LUT with the plain-torch gather top-k."""
+    baseline: the same LUT with the plain-torch gather top-k. Also with unit_norm=True (the
+    per-document scales computed on the device each search; the baseline stays unscaled)."""
     import numpy as np
     import torch
     from jpq import PQIndex
     from jpq.kernels import build_lut
 
     sizes = [(3, 500, 24, 3)] if ctx.size == "dry" else [(1, 1_000_000, 768, 96), (64, 1_000_000, 768, 96)]
-    for nq, N, d, M in sizes:
+    for (nq, N, d, M), unit_norm in ((size, u) for size in sizes for u in (False, True)):
 
-        def run(row, nq=nq, N=N, d=d, M=M):
+        def run(row, nq=nq, N=N, d=d, M=M, unit_norm=unit_norm):
             rng = np.random.default_rng(4)
-            index = PQIndex(d, M, nbits=8, metric="ip", opq=True)
+            index = PQIndex(d, M, nbits=8, metric="ip", opq=True, unit_norm=unit_norm)
             index.centroids = rng.standard_normal((M, 256, d // M)).astype(np.float32)
             index.rotation = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
             index.codes = rng.integers(0, 256, (N, M), dtype=np.uint8)
@@ -545,7 +546,7 @@ def section_index_search(ctx, k: int = 10):
             ctx.measure(row, lambda: index.search(q, k, backend=backend), plain)
             row.nbytes = N * M + nq * k * 12
 
-        ctx.case("PQIndex.search", f"nq={nq} N={N} d={d} M={M} k={k}", run)
+        ctx.case("PQIndex.search", f"nq={nq} N={N} d={d} M={M} k={k}{' unit_norm' if unit_norm else ''}", run)
 
 
 def section_ivf_search(ctx, k: int = 10):

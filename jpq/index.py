@@ -185,7 +185,7 @@ class PQIndex(VectorIndexInput):
             short (large quantization error) no longer loses score for it. Metric "ip" only;
             `to_faiss` refuses it (no faiss index rescales PQ reconstructions). On SciFact's
             MiniLM vectors, zero-shot train-split queries, OPQ at 32x / 64x / 96x: nDCG@10 +0.004
-            to +0.022 (`bench/unit_norm.py`).
+            to +0.026 over three seeds; after JPQ training no gain (`bench/unit_norm.py`).
     """
 
     def __init__(self, d: int, M: int, nbits: int = 8, metric: str = "ip", opq: bool = False,
