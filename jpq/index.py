@@ -134,6 +134,15 @@ def unit_scale(norms):
         return np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 1.0).astype(np.float32)
 
 
+def code_norms(centroids, codes, backend: str = "auto"):
+    """(N,) float32 norms of the reconstructions of codes (N, M) under centroids (M, K, ds),
+    NumPy or torch (on their device), no graph: one ADC scan (`adc_scores`) with the centroids'
+    squared norms as the single query's table, so no (N, M) array is made."""
+    sq = (centroids * centroids).sum(-1)[None]  # (1, M, K)
+    norms2 = adc_scores(sq, codes, backend=backend)[0]
+    return norms2.sqrt() if isinstance(norms2, torch.Tensor) else np.sqrt(norms2)
+
+
 def reconstruction_norms_torch(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """(N,) norms of the reconstructions of codes (N, M) under centroids (M, K, ds), on their
     device; differentiable in the centroids (the JPQ trainer scores with them). Makes an (N, M)
@@ -303,9 +312,7 @@ class PQIndex(VectorIndexInput):
         else:
             array_kind(codes=codes)
             codes = to_numpy_codes(check_codes(codes, self.M, self.K))
-        sq = (self.centroids.astype(np.float64) ** 2).sum(-1).astype(np.float32)  # (M, K)
-        # an ADC scan with the squared norms as the one query's table: N floats, no (N, M) array
-        return np.sqrt(adc_scores(sq[None], codes, backend="cpu")[0])
+        return code_norms(self.centroids, codes, backend="cpu")
 
     sa_decode = decode
 
@@ -411,10 +418,7 @@ class PQIndex(VectorIndexInput):
         if rotation is not None:
             qd = qd @ rotation.T
         lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto")  # torch.bmm on the device
-        scale = None
-        if self.unit_norm:
-            sq = (centroids * centroids).sum(-1).unsqueeze(0)  # (1, M, K): the squared norms as a query table
-            scale = unit_scale(adc_scores(sq, codes, backend=backend)[0].sqrt())
+        scale = unit_scale(code_norms(centroids, codes, backend=backend)) if self.unit_norm else None
         return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
 
     # ------------------------------------------------------------------ persistence

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .index import (PQIndex, anisotropic_codebooks, check_eta, query_aware_codebooks, reconstruction_norms_torch,
-                    unit_scale)
-from .kernels import adc_scores, adc_topk, build_lut
+from .index import (PQIndex, anisotropic_codebooks, check_eta, code_norms, query_aware_codebooks,
+                    reconstruction_norms_torch, unit_scale)
+from .kernels import adc_topk, build_lut
 from .kernels.arrays import to_numpy_f32
 from .metrics import evaluate
 from .metrics import per_query as per_query_metrics
@@ -575,9 +575,7 @@ class JPQTrainer(Checkpointing):
         else:
             C = self.centroids.detach()
             lut = build_lut(qn, C, metric="ip")
-            scale = None
-            if self.index.unit_norm:  # the squared centroid norms as one query's table: N norms, one scan
-                scale = unit_scale(adc_scores((C * C).sum(-1).unsqueeze(0), self.codes)[0].sqrt())
+            scale = unit_scale(code_norms(C, self.codes)) if self.index.unit_norm else None
             D, I = adc_topk(lut, self.codes, k, metric="ip", check=False, doc_scale=scale)
         return D.cpu().numpy(), I.cpu().numpy().astype(np.int64)
 
