@@ -545,8 +545,8 @@ def test_unit_norm_device_search_matches_the_cpu(data):
     index.add(x)
     D, I = index.search(q[:6], 10)
     Dt, It = index.search(torch.from_numpy(q[:6]), 10, backend="triton")
-    raw = jpq.PQIndex.decode(index, index.codes)  # already rescaled: scores are q . rec
-    scores = (q[:6] @ raw.T).astype(np.float32)
+    rec = index.decode(index.codes)  # rescaled to unit norm: the search scores are q . rec
+    scores = (q[:6] @ rec.T).astype(np.float32)
     assert_topk_matches(Dt, It, D, I, scores, atol=1e-4)
 
 
