@@ -90,8 +90,10 @@ def main(argv=None):
             if rule == "B" and r["eB"] == r["eA"]:
                 r["outer_B"] = r["outer_A"]
                 continue
-            ref = trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=r[f"e{rule}"], patience=3))
-            ref.fit()
+            # epoch 0 selected: the initial index and tower, nothing to refit
+            ref = trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=max(1, r[f"e{rule}"]), patience=3))
+            if r[f"e{rule}"] > 0:
+                ref.fit()
             r[f"outer_{rule}"] = round(ref.evaluate_ids(outer)["ndcg@10"], 4)
         r["secs"] = round(time.perf_counter() - t0)
         res[key] = r

@@ -222,6 +222,19 @@ def _scores_many_queries(codes, lut_mkq, out):
                 out[q, s + i] = block[i, q]
 
 
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _scores_one_query(codes, lut_mk, out):
+    """codes (N, M) u8; lut_mk (M, K) f32; out (N,) f32: one scan, parallel over documents. For
+    1-4 queries `adc_scores` runs this per query: the multi-query kernel's Q-wide rows are then
+    1-4 floats wide (N=200k, M=96, 2 threads: 1 query 11 vs 46 ms, 4 queries 28 vs 62 ms)."""
+    n, M = codes.shape
+    for i in nb.prange(n):
+        acc = np.float32(0.0)
+        for m in range(M):
+            acc += lut_mk[m, codes[i, m]]
+        out[i] = acc
+
+
 # No fastmath in the LUT: no reassociation, no fused multiply-add, so every entry is the same
 # IEEE sum (j = 0, 1, ... in order) wherever the helper is inlined: `ivf_search` builds each
 # query's table inside its scan and its scores stay bitwise those of `adc_topk` on `build_lut`
@@ -319,8 +332,11 @@ def _adc_scores_cpu(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return out
     for q0 in range(0, nq, QUERIES_PER_TILE):
         q1 = min(nq, q0 + QUERIES_PER_TILE)
-        tile = np.ascontiguousarray(lut[q0:q1].transpose(1, 2, 0))
-        _scores_many_queries(codes, tile, out[q0:q1])
+        if q1 - q0 <= FEW_QUERIES:
+            for j in range(q0, q1):
+                _scores_one_query(codes, np.ascontiguousarray(lut[j]), out[j])
+        else:
+            _scores_many_queries(codes, np.ascontiguousarray(lut[q0:q1].transpose(1, 2, 0)), out[q0:q1])
     return out
 
 
