@@ -567,3 +567,19 @@ def test_unit_norm_index_trains_and_scores_as_it_searches():
     ref = torch.einsum("bd,bpd->bp", q, x_hat / x_hat.norm(dim=-1, keepdim=True))
     (ref * weights).sum().backward()
     torch.testing.assert_close(trainer.centroids.grad, C.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_goes_on_while_the_guard_has_blocked_every_gain():
+    """stops_early: patience epochs without any held-out gain stop a run, except when every gain so
+    far was blocked by the unseen guard (best eligible epoch still 0): stopping there would return
+    the untrained start."""
+    from jpq.train import TrainState, stops_early
+
+    # gains up to epoch 6, none since: epoch 9 is three epochs later
+    blocked = TrainState(epoch=9, best_epoch=0, improved_epoch=6)
+    assert not stops_early(blocked, patience=3)
+    assert stops_early(TrainState(epoch=9, best_epoch=6, improved_epoch=6), patience=3)  # an eligible gain
+    assert stops_early(TrainState(epoch=9, best_epoch=4, improved_epoch=6), patience=3)  # one allowed earlier
+    assert stops_early(TrainState(epoch=3, best_epoch=0, improved_epoch=0), patience=3)  # no gain at all
+    assert not stops_early(TrainState(epoch=8, best_epoch=0, improved_epoch=6), patience=3)
+
