@@ -153,6 +153,15 @@ def _score_block(codes, lut_mkq, start, rows, block):
                 acc[q] += lut_row[q]
 
 
+@nb.njit(fastmath=FASTMATH, cache=True, inline="always")
+def _score_one(codes, lut_mk, i):
+    """sum_m lut_mk[m, codes[i, m]]: document i's score for one query's (M, K) table."""
+    acc = np.float32(0.0)
+    for m in range(codes.shape[1]):
+        acc += lut_mk[m, codes[i, m]]
+    return acc
+
+
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
     """codes (N, M) u8; lut_mkq (M, K, Q) f32 (higher = better); doc_scale (N,) f32, or empty for
@@ -187,7 +196,7 @@ def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
 def _topk_one_query(codes, lut_mk, doc_scale, heap_v, heap_i):
     """codes (N, M) u8; lut_mk (M, K) f32 (higher = better); doc_scale (N,) f32, or empty for
     none; heap_v/heap_i (P, k)."""
-    n, M = codes.shape
+    n = codes.shape[0]
     scaled = doc_scale.shape[0] > 0
     P = heap_v.shape[0]
     share = (n + P - 1) // P
@@ -197,9 +206,7 @@ def _topk_one_query(codes, lut_mk, doc_scale, heap_v, heap_i):
         hv = heap_v[p]
         hi = heap_i[p]
         for i in range(start, stop):
-            acc = np.float32(0.0)
-            for m in range(M):
-                acc += lut_mk[m, codes[i, m]]
+            acc = _score_one(codes, lut_mk, i)
             if scaled:
                 acc *= doc_scale[i]
             if _worse(hv[0], hi[0], acc, i):
@@ -226,13 +233,10 @@ def _scores_many_queries(codes, lut_mkq, out):
 def _scores_one_query(codes, lut_mk, out):
     """codes (N, M) u8; lut_mk (M, K) f32; out (N,) f32: one scan, parallel over documents. For
     1-4 queries `adc_scores` runs this per query: the multi-query kernel's Q-wide rows are then
-    1-4 floats wide (N=200k, M=96, 2 threads: 1 query 11 vs 46 ms, 4 queries 28 vs 62 ms)."""
-    n, M = codes.shape
-    for i in nb.prange(n):
-        acc = np.float32(0.0)
-        for m in range(M):
-            acc += lut_mk[m, codes[i, m]]
-        out[i] = acc
+    1-4 floats wide (N=200k, M=96, 2 threads: 0.32x its time at 1 query, 0.64x at 4;
+    `python bench/few_queries.py` -> bench/results/few_queries.md)."""
+    for i in nb.prange(codes.shape[0]):
+        out[i] = _score_one(codes, lut_mk, i)
 
 
 # No fastmath in the LUT: no reassociation, no fused multiply-add, so every entry is the same

@@ -583,3 +583,33 @@ def test_early_stopping_goes_on_while_the_guard_has_blocked_every_gain():
     assert stops_early(TrainState(epoch=3, best_epoch=0, improved_epoch=0), patience=3)  # no gain at all
     assert not stops_early(TrainState(epoch=8, best_epoch=0, improved_epoch=6), patience=3)
 
+
+
+def test_a_run_whose_gains_the_guard_blocks_trains_past_patience_and_selects_the_first_allowed_epoch():
+    """The real fit loop in the hazard `stops_early` guards against: the held-out score rises at
+    epochs 1-2 while the unseen-positive queries lose (blocked), then stalls for `patience` epochs
+    (where a plain early stop would end the run and return the untrained start); the run goes on,
+    epoch 6 is allowed and wins, epochs 7-9 bring nothing and stop it. Scripted held-out values,
+    real steps, guard, selection and state loading."""
+    trainer = make_trainer("centroids", epochs=12)
+    trainer.cfg.patience = 3  # make_trainer sets patience = epochs
+    assert trainer.guarded
+    n = len(trainer.val_unseen_ids)
+    script = {0: (0.50, 0.5), 1: (0.55, 0.3), 2: (0.56, 0.3), 3: (0.54, 0.3), 4: (0.54, 0.3), 5: (0.54, 0.3),
+              6: (0.60, 0.5), 7: (0.58, 0.5), 8: (0.58, 0.5), 9: (0.58, 0.5), 10: (0.9, 0.5)}
+    snapshots = []
+
+    def scripted_validate():
+        epoch = len(snapshots)
+        snapshots.append(trainer.centroids.detach().clone())
+        val, unseen = script[epoch]
+        return {"val": val, "val_unseen": [unseen] * n}
+
+    trainer._validate = scripted_validate
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == list(range(10))  # ran past epoch 5, stopped after 9
+    assert [h.get("eligible", True) for h in history] == [True] + [False] * 5 + [True] * 4
+    assert trainer.state.best_epoch == 6 and trainer.state.best_score == 0.60
+    # the loaded centroids are those of epoch 6, not the untrained start nor the last epoch
+    torch.testing.assert_close(trainer.centroids.detach(), snapshots[6], rtol=0, atol=0)
+    assert not torch.equal(snapshots[6], snapshots[0]) and not torch.equal(snapshots[6], snapshots[9])

@@ -1,0 +1,133 @@
+"""Few-query CPU paths and the cost of unit-norm search, measured side by side in one process.
+
+    python bench/few_queries.py            # N=200,000, D=768, M=96, 8-bit, ~1 min
+    python bench/few_queries.py --quick    # N=50,000, fewer repeats
+
+Two questions, each a ratio of two paths timed in the same run (interleaved medians, so drift
+on this noisy machine hits both):
+
+1. `adc_scores` for 1-4 queries runs one document-parallel scan per query (`_scores_one_query`)
+   rather than the multi-query kernel, whose rows are then only 1-4 floats wide. Here: the
+   dispatcher's time vs the multi-query kernel called directly on the same tables.
+2. A `PQIndex(unit_norm=True)` search multiplies each document's score by 1 / ||x_hat||
+   (`adc_topk(..., doc_scale=)`), the scales computed once per index (one `adc_scores` scan,
+   `jpq.index.code_norms`) and kept. Here: the scales' one-time cost, then `search` with
+   unit_norm vs the plain search of the same index, at 1 / 4 / 64 queries, k=10.
+
+Codes are uniform random (scan time does not depend on their values); centroids are trained by
+k-means on random vectors. Writes bench/results/few_queries.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import RESULTS, command_line, default_threads, interleaved_medians, machine_info  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--M", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="N=50,000 and 7 repeats")
+    ap.add_argument("--out", default=str(RESULTS / "few_queries.md"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = 50_000, 7
+
+    import numba
+
+    import jpq
+    from jpq.index import code_norms
+    from jpq.kernels import adc_scores
+    from jpq.kernels.adc import _scores_many_queries
+
+    threads = default_threads()
+    numba.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    index = jpq.PQIndex(d=args.d, M=args.M, nbits=8, metric="ip")
+    index.train(rng.standard_normal((8192, args.d)).astype(np.float32), niter=4)
+    index.add_codes(rng.integers(0, 256, (args.n, args.M), dtype=np.uint8))
+    unit = copy.copy(index)
+    unit.unit_norm = True
+    queries = rng.standard_normal((64, args.d)).astype(np.float32)
+
+    rows_scores = []
+    for nq in (1, 2, 4):
+        lut = index.lut(queries[:nq])
+
+        def many(lut=lut):
+            out = np.empty((lut.shape[0], index.ntotal), np.float32)
+            _scores_many_queries(index.codes, np.ascontiguousarray(lut.transpose(1, 2, 0)), out)
+            return out
+
+        np.testing.assert_allclose(adc_scores(lut, index.codes), many(), rtol=1e-5, atol=1e-4)
+        t = interleaved_medians({"dispatch": lambda lut=lut: adc_scores(lut, index.codes), "many": many},
+                                repeats=args.repeats)
+        rows_scores.append({"queries": nq, "dispatch_ms": 1e3 * t["dispatch"], "multi_query_kernel_ms": 1e3 * t["many"],
+                            "ratio": t["dispatch"] / t["many"]})
+        print(rows_scores[-1], flush=True)
+
+    # the scales: first search computes them; time that computation on its own too
+    t_norms = interleaved_medians({"code_norms": lambda: code_norms(index.centroids, index.codes)},
+                                  repeats=args.repeats)["code_norms"]
+    rows_search = []
+    for nq in (1, 4, 64):
+        q = queries[:nq]
+        D0, I0 = index.search(q, 10)
+        D1, I1 = unit.search(q, 10)  # fills the scale cache
+        scale = 1.0 / np.linalg.norm(index.decode(index.codes), axis=1)
+        # the unit-norm search's best scores are those of a full rescaled scan (and not the plain ones)
+        full = adc_scores(index.lut(q), index.codes) * scale[None]
+        np.testing.assert_allclose(D1[:, 0], full.max(1), rtol=1e-4)
+        assert not np.array_equal(I0, I1), "unit_norm changed no ranking: the comparison would be vacuous"
+        t = interleaved_medians({"plain": lambda q=q: index.search(q, 10), "unit_norm": lambda q=q: unit.search(q, 10)},
+                                repeats=args.repeats)
+        rows_search.append({"queries": nq, "plain_ms": 1e3 * t["plain"], "unit_norm_ms": 1e3 * t["unit_norm"],
+                            "ratio": t["unit_norm"] / t["plain"]})
+        print(rows_search[-1], flush=True)
+
+    info = machine_info(threads)
+    out = Path(args.out)
+    lines = [
+        "# Few-query CPU paths and unit-norm search cost",
+        "",
+        f"`{command_line(__file__, argv)}`; {info['cpu']}, {threads} threads, jpq {info['jpq']}, {info['date']}.",
+        f"N = {args.n:,}, D = {args.d}, M = {args.M}, 8-bit codes, inner product; medians of {args.repeats} "
+        "interleaved runs.",
+        "",
+        "## adc_scores for 1-4 queries: the one-query scan per query vs the multi-query kernel",
+        "",
+        "| queries | adc_scores (ms) | multi-query kernel (ms) | ratio |",
+        "|---|---|---|---|",
+        *[f"| {r['queries']} | {r['dispatch_ms']:.1f} | {r['multi_query_kernel_ms']:.1f} | {r['ratio']:.2f}x |"
+          for r in rows_scores],
+        "",
+        "## PQIndex.search, unit_norm=True vs plain (k = 10)",
+        "",
+        f"The per-document scales, computed once per index and kept: {1e3 * t_norms:.1f} ms (one `adc_scores` scan).",
+        "",
+        "| queries | plain (ms) | unit_norm (ms) | ratio |",
+        "|---|---|---|---|",
+        *[f"| {r['queries']} | {r['plain_ms']:.1f} | {r['unit_norm_ms']:.1f} | {r['ratio']:.2f}x |" for r in rows_search],
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"machine": info, "n": args.n, "d": args.d, "M": args.M,
+                                                    "repeats": args.repeats, "adc_scores": rows_scores,
+                                                    "code_norms_ms": 1e3 * t_norms, "search": rows_search},
+                                                   indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
