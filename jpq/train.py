@@ -159,7 +159,10 @@ class TrainConfig:
     # fell on all three seeds): so the title alone, 32 per step. Distilling the uncompressed
     # ranking of each pseudo-query's candidates (soft targets, half with the one-positive loss, as
     # Distill-VQ does with unlabeled queries) raised centroids-only 96x on all three seeds (+0.012 /
-    # +0.003 / +0.003) but not JPQ full (0.786 / 0.807 / 0.758): not adopted.
+    # +0.003 / +0.003) but not JPQ full (0.786 / 0.807 / 0.758): not adopted. Embedding the titles
+    # by the query tower being trained instead of the frozen encoder (bench/pseudo_query_tower.py,
+    # JPQ full 96x, held-out, seeds 0 / 1 / 2, frozen 0.789 / 0.808 / 0.762) lowered every seed:
+    # without a gradient into the tower 0.782 / 0.804 / 0.758, with one 0.771 / 0.787 / 0.756.
     pseudo_query_weight: float = 0.0
     pseudo_queries_per_step: int = 32
     seed: int = 0
