@@ -233,7 +233,7 @@ def _scores_many_queries(codes, lut_mkq, out):
 def _scores_one_query(codes, lut_mk, out):
     """codes (N, M) u8; lut_mk (M, K) f32; out (N,) f32: one scan, parallel over documents. For
     1-4 queries `adc_scores` runs this per query: the multi-query kernel's Q-wide rows are then
-    1-4 floats wide (N=200k, M=96, 2 threads: 0.32x its time at 1 query, 0.64x at 4;
+    1-4 floats wide (N=200k, M=96, 2 threads: 0.22x its time at 1 query, 0.58x at 4;
     `python bench/few_queries.py` -> bench/results/few_queries.md)."""
     for i in nb.prange(codes.shape[0]):
         out[i] = _score_one(codes, lut_mk, i)

@@ -94,27 +94,32 @@ def check_float_matrix(name: str, x, ndim: int = 2, allow_nan: bool = False):
 
 def check_codes(codes, M: int, K: int, name: str = "codes", values: bool = True):
     """Validate PQ codes: integer (N, M) with every value in [0, K) (the value range, a pass over
-    all codes, only with `values`)."""
+    all codes, only with `values`, and only where the dtype allows a value out of range: uint8
+    codes with K = 256 need none, other unsigned ones only their maximum)."""
     if codes.ndim != 2:
         raise ValueError(f"{name} must have shape (N, M), got shape {tuple(codes.shape)}")
     if codes.shape[1] != M:
         raise ValueError(f"{name} has {codes.shape[1]} sub-quantizers per row, expected M={M}")
-    if isinstance(codes, torch.Tensor):
+    is_torch = isinstance(codes, torch.Tensor)
+    if is_torch:
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor (uint8 expected), got {codes.dtype}")
-        if not values:
-            return codes
-        if codes.numel():
-            lo, hi = int(codes.min()), int(codes.max())
+        unsigned = codes.dtype == torch.uint8  # the one unsigned integer type torch reduces on every device
+        bits = 8 if unsigned else None
     else:
         if not np.issubdtype(codes.dtype, np.integer):
             raise TypeError(f"{name} must be an integer array (uint8 expected), got {codes.dtype}")
-        if not values:
-            return codes
-        if codes.size:
-            lo, hi = int(codes.min()), int(codes.max())
-    if (codes.numel() if isinstance(codes, torch.Tensor) else codes.size) and (lo < 0 or hi >= K):
-        raise ValueError(f"{name} values must lie in [0, {K}), found range [{lo}, {hi}]")
+        unsigned = np.issubdtype(codes.dtype, np.unsignedinteger)
+        bits = 8 * codes.dtype.itemsize
+    if not values or (codes.numel() if is_torch else codes.size) == 0:
+        return codes
+    if unsigned and K >= 2 ** bits:
+        return codes  # every value the dtype holds is a valid code
+    hi = int(codes.max())
+    if unsigned and hi >= K:
+        raise ValueError(f"{name} values must lie in [0, {K}), found a maximum of {hi}")
+    if not unsigned and (hi >= K or int(codes.min()) < 0):
+        raise ValueError(f"{name} values must lie in [0, {K}), found range [{int(codes.min())}, {hi}]")
     return codes
 
 

@@ -253,3 +253,31 @@ def test_check_false_skips_the_code_range_only():
         adc_topk(lut, np.zeros((3, 2), np.float32), 1, check=False)
     D, I = adc_topk(lut, np.zeros((3, 2), np.uint8), 1, check=False)
     assert numpy_of(I).tolist() == [[0]]
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_code_range_check_rejects_every_out_of_range_value_its_dtype_can_hold(as_torch):
+    """check_codes skips the pass over the codes only where no value can be out of range (uint8
+    with K = 256); every other dtype is checked, signed ones for negatives too."""
+    from jpq.kernels.arrays import check_codes
+
+    def wrap(a):
+        return torch.from_numpy(a) if as_torch else a
+
+    ok = np.arange(256, dtype=np.uint8).reshape(64, 4)
+    assert check_codes(wrap(ok), 4, 256) is not None
+    with pytest.raises(ValueError, match=r"\[0, 16\), found a maximum of 255"):
+        check_codes(wrap(ok), 4, 16)  # uint8, K < 256: the maximum is checked
+    signed = ok.astype(np.int64)
+    signed[3, 2] = -1
+    with pytest.raises(ValueError, match=r"found range \[-1, 255\]"):
+        check_codes(wrap(signed), 4, 256)
+    signed[3, 2] = 256
+    with pytest.raises(ValueError, match=r"found range \[0, 256\]"):
+        check_codes(wrap(signed), 4, 256)
+    if not as_torch:  # torch has no reductions on uint16
+        wide = ok.astype(np.uint16)
+        wide[0, 0] = 300
+        with pytest.raises(ValueError, match="found a maximum of 300"):
+            check_codes(wide, 4, 256)
+    assert check_codes(wrap(signed), 4, 256, values=False) is not None  # values=False: shape and dtype only
