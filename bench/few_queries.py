@@ -1,14 +1,15 @@
 """Few-query CPU paths and the cost of unit-norm search, measured side by side in one process.
 
-    python bench/few_queries.py            # N=200,000, D=768, M=96, 8-bit, ~1 min
+    python bench/few_queries.py            # N=200,000, D=768, M=96, 8-bit, ~3 min
     python bench/few_queries.py --quick    # N=50,000, fewer repeats
 
 Two questions, each a ratio of two paths timed in the same run (interleaved medians, so drift
 on this noisy machine hits both):
 
-1. `adc_scores` for 1-4 queries runs one document-parallel scan per query (`_scores_one_query`)
-   rather than the multi-query kernel, whose rows are then only 1-4 floats wide. Here: the
-   dispatcher's time vs the multi-query kernel called directly on the same tables.
+1. `adc_scores` for 1-7 queries (`FEW_QUERIES`) runs one document-parallel scan per query
+   (`_scores_one_query`) rather than the multi-query kernel, whose rows (4 or 8 lanes, padded to
+   a multiple of 4) are then mostly padding. Here: the dispatcher's time vs the multi-query
+   kernel called directly on the same (padded) tables.
 2. A `PQIndex(unit_norm=True)` search multiplies each document's score by 1 / ||x_hat||
    (`adc_topk(..., doc_scale=)`), the scales computed once per index (one `adc_scores` scan,
    `jpq.index.code_norms`) and kept. Here: the scales' one-time cost, then `search` with
@@ -17,6 +18,9 @@ on this noisy machine hits both):
    be out of range, so it skips the pass over them (two NumPy reductions over all codes before,
    2026-12-04: 1.4 ms at N = 200k, a third of a one-query search). Here: check=True vs
    check=False, 1 query, k=10.
+4. `adc_topk` (LUT included) vs faiss `IndexPQ.search` on the same codes and centroids, at every
+   query count from 1 to 17 and at 64: time per query (faiss parallelises over queries, jpq over
+   documents for up to FEW_QUERIES queries and over both beyond); skipped without faiss.
 
 Codes are uniform random (scan time does not depend on their values); centroids are trained by
 k-means on random vectors. Writes bench/results/few_queries.{md,json}.
@@ -52,7 +56,7 @@ def main(argv=None):
     import jpq
     from jpq.index import code_norms
     from jpq.kernels import adc_scores, adc_topk
-    from jpq.kernels.adc import _scores_many_queries
+    from jpq.kernels.adc import _lane_tile, _scores_many_queries
 
     threads = default_threads()
     numba.set_num_threads(threads)
@@ -65,12 +69,12 @@ def main(argv=None):
     queries = rng.standard_normal((64, args.d)).astype(np.float32)
 
     rows_scores = []
-    for nq in (1, 2, 4):
+    for nq in (1, 2, 4, 7):
         lut = index.lut(queries[:nq])
 
         def many(lut=lut):
             out = np.empty((lut.shape[0], index.ntotal), np.float32)
-            _scores_many_queries(index.codes, np.ascontiguousarray(lut.transpose(1, 2, 0)), out)
+            _scores_many_queries(index.codes, _lane_tile(lut), out)
             return out
 
         np.testing.assert_allclose(adc_scores(lut, index.codes), many(), rtol=1e-5, atol=1e-4)
@@ -105,6 +109,27 @@ def main(argv=None):
     row_check = {"check_ms": 1e3 * t["check"], "no_check_ms": 1e3 * t["no_check"], "ratio": t["check"] / t["no_check"]}
     print(row_check, flush=True)
 
+    rows_faiss = []
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        from compare_faiss import faiss_pq_index
+
+        faiss.omp_set_num_threads(threads)
+        fidx = faiss_pq_index(index.centroids, index.codes)
+        for nq in [*range(1, 18), 64]:
+            q = queries[:nq]
+            _, I_j = adc_topk(index.lut(q), index.codes, 10)
+            _, I_f = fidx.search(q, 10)
+            agree = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I_j, I_f)]))
+            t = interleaved_medians({"jpq": lambda q=q: adc_topk(index.lut(q), index.codes, 10),
+                                     "faiss": lambda q=q: fidx.search(q, 10)}, repeats=args.repeats)
+            rows_faiss.append({"queries": nq, "jpq_ms": 1e3 * t["jpq"], "faiss_ms": 1e3 * t["faiss"],
+                               "ratio": t["jpq"] / t["faiss"], "top10_agreement": agree})
+            print(rows_faiss[-1], flush=True)
+
     info = machine_info(threads)
     out = Path(args.out)
     lines = [
@@ -114,7 +139,7 @@ def main(argv=None):
         f"N = {args.n:,}, D = {args.d}, M = {args.M}, 8-bit codes, inner product; medians of {args.repeats} "
         "interleaved runs.",
         "",
-        "## adc_scores for 1-4 queries: the one-query scan per query vs the multi-query kernel",
+        "## adc_scores for 1-7 queries: the one-query scan per query vs the multi-query kernel",
         "",
         "| queries | adc_scores (ms) | multi-query kernel (ms) | ratio |",
         "|---|---|---|---|",
@@ -135,12 +160,19 @@ def main(argv=None):
         f"{row_check['ratio']:.2f}x.",
         "",
     ]
+    if rows_faiss:
+        lines += ["## adc_topk (LUT included) vs faiss IndexPQ.search, k = 10", "",
+                  f"faiss {faiss.__version__}, same codes and centroids, same thread count.", "",
+                  "| queries | jpq (ms) | faiss (ms) | jpq ms / query | ratio | top-10 agreement |",
+                  "|---|---|---|---|---|---|",
+                  *[f"| {r['queries']} | {r['jpq_ms']:.1f} | {r['faiss_ms']:.1f} | {r['jpq_ms'] / r['queries']:.2f} | "
+                    f"{r['ratio']:.2f}x | {r['top10_agreement']:.4f} |" for r in rows_faiss], ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "n": args.n, "d": args.d, "M": args.M,
                                                     "repeats": args.repeats, "adc_scores": rows_scores,
                                                     "code_norms_ms": 1e3 * t_norms, "search": rows_search,
-                                                    "adc_topk_check": row_check},
+                                                    "adc_topk_check": row_check, "vs_faiss": rows_faiss},
                                                    indent=1))
     print("\n".join(lines))
 

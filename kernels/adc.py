@@ -105,10 +105,16 @@ def adc_topk_reference(lut: np.ndarray, codes: np.ndarray, k: int, metric: str =
 # --------------------------------------------------------------------------- CPU fast path
 DOCS_PER_BLOCK = 256  # score block (256, Q) floats stays in L1/L2 per thread
 QUERIES_PER_TILE = 64  # LUT tile (M, K, 64) = 6.3 MB at M=96; see bench/compare_faiss.py
+# The multi-query kernels run SIMD over the queries of a tile: a tile width that is not a multiple
+# of 4 leaves a scalar remainder loop per gathered row and costs more than the next multiple of 4
+# (N=200k, M=96, 2 threads, top-k: 5 queries 30.3 ms, 7 queries 37.0, 8 queries 25.1; 11: 39.7,
+# 12: 27.4; 15: 46.0, 16: 31.4). So a tile is padded with zero tables to a multiple of QUERY_LANES
+# (the pad lanes are scored, never ranked or returned).
+QUERY_LANES = 4
 # Up to this many queries, one scan per query (scalar kernel, parallel over documents) beats the
-# multi-query kernel, whose SIMD lanes then run mostly empty. Measured at N=200k, M=96 (2 threads):
-# 2 queries 16 vs 55 ms, 4 queries 36 vs 50 ms, 8 queries 76 vs 65 ms.
-FEW_QUERIES = 4
+# multi-query kernel even padded (N=200k, M=96, 2 threads, top-k: 4 queries 13.2 vs 17.1 ms,
+# 6 queries 19.4 vs 25.1 padded to 8, 8 queries 26.4 vs 21.5; at N=50k 8 queries 7.1 vs 6.8).
+FEW_QUERIES = 7
 
 
 @nb.njit(cache=True, inline="always")
@@ -164,24 +170,25 @@ def _score_one(codes, lut_mk, i):
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
-    """codes (N, M) u8; lut_mkq (M, K, Q) f32 (higher = better); doc_scale (N,) f32, or empty for
-    none; heap_v/heap_i (P, Q, k)."""
+    """codes (N, M) u8; lut_mkq (M, K, W) f32 (higher = better), W >= Q lanes (the lanes past Q
+    padding, scored but not ranked); doc_scale (N,) f32, or empty for none; heap_v/heap_i (P, Q, k)."""
     scaled = doc_scale.shape[0] > 0
     n, M = codes.shape
-    Q = lut_mkq.shape[2]
+    W = lut_mkq.shape[2]
+    Q = heap_v.shape[1]
     P = heap_v.shape[0]
     share = (n + P - 1) // P
     for p in nb.prange(P):
         start = p * share
         stop = min(n, start + share)
-        block = np.empty((DOCS_PER_BLOCK, Q), np.float32)
+        block = np.empty((DOCS_PER_BLOCK, W), np.float32)
         for s in range(start, stop, DOCS_PER_BLOCK):
             rows = min(stop, s + DOCS_PER_BLOCK) - s
             _score_block(codes, lut_mkq, s, rows, block)
             if scaled:
                 for i in range(rows):
                     f = doc_scale[s + i]
-                    for q in range(Q):
+                    for q in range(W):
                         block[i, q] *= f
             for q in range(Q):
                 hv = heap_v[p, q]
@@ -215,14 +222,15 @@ def _topk_one_query(codes, lut_mk, doc_scale, heap_v, heap_i):
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _scores_many_queries(codes, lut_mkq, out):
-    """codes (N, M) u8; lut_mkq (M, K, Q); out (Q, N) f32."""
+    """codes (N, M) u8; lut_mkq (M, K, W), W >= Q lanes (those past Q padding); out (Q, N) f32."""
     n, M = codes.shape
-    Q = lut_mkq.shape[2]
+    W = lut_mkq.shape[2]
+    Q = out.shape[0]
     nblocks = (n + DOCS_PER_BLOCK - 1) // DOCS_PER_BLOCK
     for b in nb.prange(nblocks):
         s = b * DOCS_PER_BLOCK
         rows = min(n, s + DOCS_PER_BLOCK) - s
-        block = np.empty((rows, Q), np.float32)
+        block = np.empty((rows, W), np.float32)
         _score_block(codes, lut_mkq, s, rows, block)
         for i in range(rows):
             for q in range(Q):
@@ -232,9 +240,9 @@ def _scores_many_queries(codes, lut_mkq, out):
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _scores_one_query(codes, lut_mk, out):
     """codes (N, M) u8; lut_mk (M, K) f32; out (N,) f32: one scan, parallel over documents. For
-    1-4 queries `adc_scores` runs this per query: the multi-query kernel's Q-wide rows are then
-    1-4 floats wide (N=200k, M=96, 2 threads: 0.22x its time at 1 query, 0.58x at 4;
-    `python bench/few_queries.py` -> bench/results/few_queries.md)."""
+    1-7 queries (FEW_QUERIES) `adc_scores` runs this per query: the multi-query kernel's rows are
+    then only 4-8 lanes wide, most of them padding at 1-3 queries (`python bench/few_queries.py`
+    -> bench/results/few_queries.md)."""
     for i in nb.prange(codes.shape[0]):
         out[i] = _score_one(codes, lut_mk, i)
 
@@ -242,7 +250,7 @@ def _scores_one_query(codes, lut_mk, out):
 # No fastmath in the LUT: no reassociation, no fused multiply-add, so every entry is the same
 # IEEE sum (j = 0, 1, ... in order) wherever the helper is inlined: `ivf_search` builds each
 # query's table inside its scan and its scores stay bitwise those of `adc_topk` on `build_lut`
-# (its multi-query kernel; `_topk_one_query` reassociates its sum for speed: 1-4 queries).
+# (its multi-query kernel; `_topk_one_query` reassociates its sum for speed: 1-7 queries).
 @nb.njit(cache=True, inline="always")
 def _lut_into(qrow, Ct, l2, out):
     """out (M, K) = the look-up table of one query qrow (M * ds,) for Ct (M, ds, K)."""
@@ -285,6 +293,16 @@ def _build_lut_numba(q: np.ndarray, C: np.ndarray, metric: str) -> np.ndarray:
     return out
 
 
+def _lane_tile(tile: np.ndarray) -> np.ndarray:
+    """(Q, M, K) tables -> the (M, K, W) layout of the multi-query kernels, W = Q rounded up to
+    a multiple of QUERY_LANES (zero tables in the pad lanes)."""
+    Q, M, K = tile.shape
+    W = -(-Q // QUERY_LANES) * QUERY_LANES
+    out = np.zeros((M, K, W), np.float32)
+    out[:, :, :Q] = tile.transpose(1, 2, 0)
+    return out
+
+
 def _merge_heaps(heap_v: np.ndarray, heap_i: np.ndarray, k: int):
     """(P, Q, k) per-thread heaps -> (Q, k) best-first, ties by smaller id."""
     P, Q, _ = heap_v.shape
@@ -320,7 +338,7 @@ def _adc_topk_cpu(lut: np.ndarray, codes: np.ndarray, k: int, metric: str, doc_s
                 for j in range(q1 - q0):
                     _topk_one_query(codes, np.ascontiguousarray(tile[j]), scale, heap_v[:, j], heap_i[:, j])
             else:
-                _topk_many_queries(codes, np.ascontiguousarray(tile.transpose(1, 2, 0)), scale, heap_v, heap_i)
+                _topk_many_queries(codes, _lane_tile(tile), scale, heap_v, heap_i)
         v, i = _merge_heaps(heap_v, heap_i, k)
         D[q0:q1] = sign * v
         I[q0:q1] = i
@@ -340,7 +358,7 @@ def _adc_scores_cpu(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
             for j in range(q0, q1):
                 _scores_one_query(codes, np.ascontiguousarray(lut[j]), out[j])
         else:
-            _scores_many_queries(codes, np.ascontiguousarray(lut[q0:q1].transpose(1, 2, 0)), out[q0:q1])
+            _scores_many_queries(codes, _lane_tile(lut[q0:q1]), out[q0:q1])
     return out
 
 

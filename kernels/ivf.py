@@ -22,8 +22,8 @@ is built into a per-query (M, K) buffer that stays in cache, then the scan over 
 codes, the k-heap and a final heapsort, all in one kernel, with no (nq, M, K) table in memory and
 no per-list Python work). The table is `build_lut`'s CPU table (the same inlined `_lut_into`,
 fixed IEEE order) and the sum runs over m in order in float32 as `adc_topk`'s CPU path does for
-more than FEW_QUERIES (4) queries at a time, so the scores are then bitwise those of
-`adc_topk(build_lut(q, centroids), codes)`. For 1-4 queries (or a last tile of 1-4) `adc_topk`
+more than FEW_QUERIES (7) queries at a time, so the scores are then bitwise those of
+`adc_topk(build_lut(q, centroids), codes)`. For 1-7 queries (or a last tile of 1-7) `adc_topk`
 uses its one-query kernel, whose vectorised sum is reassociated: scores agree to float32
 rounding there, and ids but for near-ties. "triton"
 (ivf_triton.py: CUDA tensors, or the CPU interpreter in tests) lays each query's probed lists out

@@ -11,14 +11,17 @@ from tolerances import assert_close
 BACKENDS = backend_params()
 
 # (M, K, ds, N, nq, k): powers of two and awkward sizes, empty, k > N, one and many queries.
-# CPU branches: nq <= FEW_QUERIES (4) -> one scan per query (nq = 1, 2, 3); larger nq -> the
-# multi-query kernel (7, 64), and nq > QUERIES_PER_TILE (65) -> several query tiles.
+# CPU branches: nq <= FEW_QUERIES (7) -> one scan per query (nq = 1, 2, 3, 7); larger nq -> the
+# multi-query kernel, its tile padded to a multiple of QUERY_LANES (10 -> 12) or not (64), and
+# nq > QUERIES_PER_TILE -> several query tiles (65: a last tile of 1 query; 75: of 11, padded).
 SHAPES = [
     (1, 256, 4, 17, 1, 5),
     (2, 16, 3, 0, 3, 4),
     (3, 7, 5, 100, 1, 150),
     (8, 256, 2, 1000, 7, 10),
+    (8, 16, 2, 500, 10, 10),
     (16, 256, 1, 2049, 65, 20),
+    (4, 256, 2, 300, 75, 7),
     (96, 256, 8, 3001, 2, 100),
     (96, 256, 8, 300, 64, 10),
 ]
