@@ -143,6 +143,12 @@ def code_norms(centroids, codes, backend: str = "auto"):
     return norms2.sqrt() if isinstance(norms2, torch.Tensor) else np.sqrt(norms2)
 
 
+def unit_norm_scale(centroids, codes, backend: str = "auto"):
+    """The doc_scale of a unit_norm search: 1 / ||x_hat|| of every code, NumPy or torch (on
+    their device), no graph (`unit_scale` of `code_norms`)."""
+    return unit_scale(code_norms(centroids, codes, backend=backend))
+
+
 def reconstruction_norms_torch(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """(N,) norms of the reconstructions of codes (N, M) under centroids (M, K, ds), on their
     device; differentiable in the centroids (the JPQ trainer scores with them). Makes an (N, M)
@@ -385,7 +391,7 @@ class PQIndex(VectorIndexInput):
         stamp = (self.codes.shape, zlib.crc32(np.ascontiguousarray(self.centroids)))
         cache = getattr(self, "_unit_scale_cache", None)
         if cache is None or any(a is not b for a, b in zip(cache[0], arrays)) or cache[1] != stamp:
-            self._unit_scale_cache = (arrays, stamp, unit_scale(self.reconstruction_norms()))
+            self._unit_scale_cache = (arrays, stamp, unit_norm_scale(self.centroids, self.codes, backend="cpu"))
         return self._unit_scale_cache[2]
 
     def drop_device_copies(self) -> None:
@@ -418,7 +424,7 @@ class PQIndex(VectorIndexInput):
         if rotation is not None:
             qd = qd @ rotation.T
         lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto")  # torch.bmm on the device
-        scale = unit_scale(code_norms(centroids, codes, backend=backend)) if self.unit_norm else None
+        scale = unit_norm_scale(centroids, codes, backend=backend) if self.unit_norm else None
         return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
 
     # ------------------------------------------------------------------ persistence

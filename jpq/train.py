@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .index import (PQIndex, anisotropic_codebooks, check_eta, code_norms, query_aware_codebooks,
-                    reconstruction_norms_torch, unit_scale)
+from .index import (PQIndex, anisotropic_codebooks, check_eta, query_aware_codebooks, reconstruction_norms_torch,
+                    unit_norm_scale)
 from .kernels import adc_topk, build_lut
 from .kernels.arrays import to_numpy_f32
 from .metrics import evaluate
@@ -590,7 +590,7 @@ class JPQTrainer(Checkpointing):
         else:
             C = self.centroids.detach()
             lut = build_lut(qn, C, metric="ip")
-            scale = unit_scale(code_norms(C, self.codes)) if self.index.unit_norm else None
+            scale = unit_norm_scale(C, self.codes) if self.index.unit_norm else None
             D, I = adc_topk(lut, self.codes, k, metric="ip", check=False, doc_scale=scale)
         return D.cpu().numpy(), I.cpu().numpy().astype(np.int64)
 
