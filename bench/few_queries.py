@@ -87,12 +87,13 @@ def main(argv=None):
     # the scales: first search computes them; time that computation on its own too
     t_norms = interleaved_medians({"code_norms": lambda: code_norms(index.centroids, index.codes)},
                                   repeats=args.repeats)["code_norms"]
+    # an independent check of the scales: 1 / ||x_hat|| from the decoded vectors, once
+    scale = 1.0 / np.linalg.norm(index.decode(index.codes), axis=1)
     rows_search = []
     for nq in (1, 4, 64):
         q = queries[:nq]
         D0, I0 = index.search(q, 10)
         D1, I1 = unit.search(q, 10)  # fills the scale cache
-        scale = 1.0 / np.linalg.norm(index.decode(index.codes), axis=1)
         # the unit-norm search's best scores are those of a full rescaled scan (and not the plain ones)
         full = adc_scores(index.lut(q), index.codes) * scale[None]
         np.testing.assert_allclose(D1[:, 0], full.max(1), rtol=1e-4)

@@ -116,10 +116,13 @@ def check_codes(codes, M: int, K: int, name: str = "codes", values: bool = True)
     if unsigned and K >= 2 ** bits:
         return codes  # every value the dtype holds is a valid code
     hi = int(codes.max())
-    if unsigned and hi >= K:
-        raise ValueError(f"{name} values must lie in [0, {K}), found a maximum of {hi}")
-    if not unsigned and (hi >= K or int(codes.min()) < 0):
-        raise ValueError(f"{name} values must lie in [0, {K}), found range [{int(codes.min())}, {hi}]")
+    if unsigned:
+        if hi >= K:
+            raise ValueError(f"{name} values must lie in [0, {K}), found a maximum of {hi}")
+        return codes
+    lo = int(codes.min())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"{name} values must lie in [0, {K}), found range [{lo}, {hi}]")
     return codes
 
 

@@ -584,7 +584,6 @@ def test_early_stopping_goes_on_while_the_guard_has_blocked_every_gain():
     assert not stops_early(TrainState(epoch=8, best_epoch=0, improved_epoch=6), patience=3)
 
 
-
 def test_a_run_whose_gains_the_guard_blocks_trains_past_patience_and_selects_the_first_allowed_epoch():
     """The real fit loop in the hazard `stops_early` guards against: the held-out score rises at
     epochs 1-2 while the unseen-positive queries lose (blocked), then stalls for `patience` epochs
