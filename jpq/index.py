@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .kernels import adc_scores, adc_topk, assign, build_lut
+from .kernels.assign import check_centroids
 from .kernels.dispatch import triton_importable
 from .storage import read_container, write_container
 from .kernels.arrays import (
@@ -405,6 +406,7 @@ class PQIndex(VectorIndexInput):
         key = (self.codes, self.centroids, self.rotation)
         cache = getattr(self, "_device_cache", None)
         if cache is None or cache[0] != device or any(a is not b for a, b in zip(cache[1], key)):
+            check_centroids(self.centroids)  # finite: searches on the device skip that pass per call
             arrays = (
                 torch.from_numpy(self.codes).to(device),
                 torch.from_numpy(self.centroids).to(device),
@@ -423,7 +425,8 @@ class PQIndex(VectorIndexInput):
         qd = q.detach().to(torch.float32)
         if rotation is not None:
             qd = qd @ rotation.T
-        lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto")  # torch.bmm on the device
+        # q was checked above, the centroids when copied to the device (`_device_arrays`)
+        lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto", check=False)  # torch.bmm
         scale = unit_norm_scale(centroids, codes, backend=backend) if self.unit_norm else None
         return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
 

@@ -20,11 +20,12 @@ Paths:
   whatever N is. One query uses a scalar kernel parallel over documents.
   Measured on the 2-core dev CPU, N=200k, M=96, K=256, k=10: 64 queries 0.12 s vs faiss
   IndexPQ.search 0.19 s; 1 query 4 ms vs 9 ms (bench/compare_faiss.py has the current figures).
-- Triton (CUDA; the CPU interpreter in tests): a score kernel over (query, document-block)
-  tiles, top-k as a second pass per document chunk (torch.topk), merged across chunks. The
-  top-k runs on int64 keys (`order_keys`: score bits in the high half, the inverted id in the
-  low half), so ties go to the smaller id exactly, as on the CPU, whichever tied entries
-  torch.topk would have kept at the k-th place.
+- Triton (CUDA; the CPU interpreter in tests): `adc_scores` is a gather kernel over (query,
+  128-document) tiles. `adc_topk` fuses a first selection into it: each tile turns its scores
+  into int64 keys (`order_keys`: score bits in the high half, the inverted id in the low half)
+  and keeps its best min(k, 128) (tl.sort); torch.topk of the kept keys, merged across document
+  chunks, gives the top-k. On keys, ties go to the smaller id exactly, as on the CPU, whichever
+  tied entries torch.topk would have kept at the k-th place.
 """
 from __future__ import annotations
 
@@ -381,12 +382,15 @@ def _adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return adc_scores_triton(lut, codes)
 
 
-# Documents per top-k chunk: TRITON_SCORES_PER_CHUNK // nq, at least TRITON_MIN_DOCS_PER_CHUNK,
-# so the (nq, chunk) score block is 256 MB up to 1024 queries and nq * 256 KB beyond (its int64
-# top-k keys, `order_keys`, twice that). With few queries one chunk covers a million documents:
-# a search is one kernel and one torch.topk instead of 16 rounds of them (16 rounds cost 5.5 ms
-# at nq = 1 on an H100).
-TRITON_SCORES_PER_CHUNK = 1 << 26
+# Keys per top-k chunk: a chunk of documents gives each query ceil(chunk / BLOCK_N) * min(k,
+# BLOCK_N) candidate keys (adc_triton.adc_block_topk_keys: each 128-document block keeps its
+# best min(k, 128)), at most TRITON_KEYS_PER_CHUNK for all queries together (512 MB of int64),
+# and at least TRITON_MIN_DOCS_PER_CHUNK documents. With k = 10 one chunk covers 10**8
+# documents at nq = 64: a search is one kernel and one torch.topk of N / 12.8 keys per query.
+# (Before the block top-k, every score became a key: the (nq, N) float32 scores, their int64
+# keys, and a torch.topk over all N keys; at nq = 64, N = 10**6, M = 96 on an H200 the keys and
+# their top-k cost 3.1 ms on top of the 3.5 ms scoring kernel, bench/results/gpu_profile.md.)
+TRITON_KEYS_PER_CHUNK = 1 << 26
 TRITON_MIN_DOCS_PER_CHUNK = 1 << 16
 
 
@@ -410,21 +414,23 @@ def scores_of_keys(keys: torch.Tensor, largest: bool) -> tuple[torch.Tensor, tor
 
 def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str,
                      doc_scale: torch.Tensor | None = None):
+    from .adc_triton import BLOCK_N, adc_block_topk_keys, block_keep
+
     nq = lut.shape[0]
     N = codes.shape[0]
-    if N >= 1 << 32:
-        raise ValueError(f"the Triton top-k handles up to 2**32 - 1 documents, got {N}")
+    if N >= (1 << 32) - 1:
+        raise ValueError(f"the Triton top-k handles up to 2**32 - 2 documents, got {N}")
     largest = metric == "ip"
     best = torch.empty((nq, 0), dtype=torch.int64, device=lut.device)
-    chunk = max(TRITON_MIN_DOCS_PER_CHUNK, TRITON_SCORES_PER_CHUNK // max(1, nq))
+    per_doc = block_keep(k) / BLOCK_N  # candidate keys per document and query
+    chunk = max(TRITON_MIN_DOCS_PER_CHUNK, int(TRITON_KEYS_PER_CHUNK / (per_doc * max(1, nq))))
     for s in range(0, N, chunk):
-        scores = _adc_scores_triton(lut, codes[s : s + chunk])
-        if doc_scale is not None:
-            scores *= doc_scale[s : s + chunk]
-        ids = torch.arange(s, s + scores.shape[1], device=lut.device)
-        keys = torch.cat([best, order_keys(scores, ids.expand_as(scores), largest)], 1)
-        del scores
-        best = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).values
+        e = min(N, s + chunk)
+        scale = None if doc_scale is None else doc_scale[s:e]
+        keys = torch.cat([best, adc_block_topk_keys(lut, codes[s:e], k, largest, scale, id_base=s)], 1)
+        # the top min(k, e) keys are real documents' (each block keeps min(k, its documents))
+        best = torch.topk(keys, min(k, e), dim=1, sorted=False).values
+        del keys
     best = torch.sort(best, dim=1, descending=True).values  # best first, ties by smaller id
     best_v, best_i = scores_of_keys(best, largest)
     pad = k - best_v.shape[1]
@@ -436,8 +442,8 @@ def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str
 
 
 # --------------------------------------------------------------------------- public
-def _check_lut(lut):
-    check_float_matrix("lut", lut, ndim=3)
+def _check_lut(lut, values: bool = True):
+    check_float_matrix("lut", lut, ndim=3, values=values)
     nq, M, K = lut.shape
     if M < 1 or K < 1:
         raise ValueError(f"lut must have shape (nq, M, K) with M, K >= 1, got {tuple(lut.shape)}")
@@ -454,7 +460,7 @@ def _as_torch_codes(codes, kind):
     return codes.to(torch.uint8).contiguous() if kind.is_torch else torch.from_numpy(to_numpy_codes(codes))
 
 
-def build_lut(q, centroids, metric: str = "ip", backend: str = "auto"):
+def build_lut(q, centroids, metric: str = "ip", backend: str = "auto", check: bool = True):
     """Query look-up tables.
 
     Args:
@@ -466,14 +472,17 @@ def build_lut(q, centroids, metric: str = "ip", backend: str = "auto"):
             writes the (nq, M, K) layout directly (the bmm's (M, nq, K) result needed a transpose
             copy as long as the GEMM itself), with a fixed IEEE summation order (see `_lut_into`);
             CPU tensors that need a graph (requires_grad under grad mode) get the bmm instead.
+        check: validate that q and centroids are finite, a pass over each (on CUDA tensors it
+            waits for the device; skip only for inputs checked before); shapes and dtypes are
+            checked either way.
 
     Returns:
         lut: shape=(nq, M, K), float32, in the kind of `q`.
     """
     kind = array_kind(q=q, centroids=centroids)
     check_metric(metric)
-    check_centroids(centroids)
-    check_vectors_for("q", q, centroids)
+    check_centroids(centroids, values=check)
+    check_vectors_for("q", q, centroids, values=check)
     path = resolve_backend(backend, kind)
     if path == "reference":
         return kind.wrap(build_lut_reference(to_numpy_f32(q), to_numpy_f32(centroids), metric))
@@ -504,16 +513,17 @@ def adc_scores(lut, codes, backend: str = "auto"):
     return kind.wrap(_adc_scores_cpu(to_numpy_f32(lut), to_numpy_codes(codes)))
 
 
-def _check_doc_scale(doc_scale, n: int, metric: str):
-    """doc_scale: None, or (n,) floating, finite and > 0, with metric "ip"."""
+def _check_doc_scale(doc_scale, n: int, metric: str, values: bool = True):
+    """doc_scale: None, or (n,) floating, finite and > 0 (the values only with `values`), with
+    metric "ip"."""
     if doc_scale is None:
         return
     if metric != "ip":
         raise ValueError(f"doc_scale multiplies inner-product scores: it needs metric 'ip', got {metric!r}")
-    check_float_matrix("doc_scale", doc_scale, ndim=1)
+    check_float_matrix("doc_scale", doc_scale, ndim=1, values=values)
     if doc_scale.shape[0] != n:
         raise ValueError(f"doc_scale must have shape ({n},) (one factor per code row), got {tuple(doc_scale.shape)}")
-    if n and not bool((doc_scale > 0).all()):
+    if values and n and not bool((doc_scale > 0).all()):
         raise ValueError("doc_scale must be > 0 everywhere (a factor <= 0 would reverse or erase a document's score)")
 
 
@@ -527,8 +537,10 @@ def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", chec
         k: results per query; when k > N the tail is padded with id -1 and score -FLT_MAX
             ("ip") or +FLT_MAX ("l2"), as faiss does.
         metric: "ip" keeps the largest scores, "l2" the smallest.
-        check: validate the code range, a pass over all codes (skip only for codes validated
-            before, as PQIndex does); shapes and dtypes are checked either way.
+        check: validate the values: the code range (a pass over all codes), and that lut and
+            doc_scale are finite (and doc_scale > 0), each a pass that on CUDA tensors waits for
+            the device. Skip only for inputs validated before, as PQIndex and JPQTrainer do;
+            shapes and dtypes are checked either way.
         doc_scale: optional shape=(N,), float32, > 0: document n's score is multiplied by
             doc_scale[n] before ranking (metric "ip" only; D holds the scaled scores).
             `PQIndex(unit_norm=True)` passes 1 / ||reconstruction||.
@@ -539,9 +551,9 @@ def adc_topk(lut, codes, k: int, metric: str = "ip", backend: str = "auto", chec
     kind = array_kind(lut=lut, codes=codes, doc_scale=doc_scale)
     k = check_k(k)
     check_metric(metric)
-    _check_lut(lut)
+    _check_lut(lut, values=check)
     check_codes(codes, lut.shape[1], lut.shape[2], values=check)
-    _check_doc_scale(doc_scale, codes.shape[0], metric)
+    _check_doc_scale(doc_scale, codes.shape[0], metric, values=check)
     path = resolve_backend(backend, kind)
     if path == "triton":
         scale = None if doc_scale is None else _as_torch_f32(doc_scale, kind)

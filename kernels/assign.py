@@ -25,9 +25,9 @@ from .dispatch import resolve_backend
 MAX_K = 256  # codes are uint8
 
 
-def check_centroids(centroids, name: str = "centroids"):
-    """Validate centroids of shape (M, K, ds) with 1 <= K <= 256."""
-    check_float_matrix(name, centroids, ndim=3)
+def check_centroids(centroids, name: str = "centroids", values: bool = True):
+    """Validate centroids of shape (M, K, ds) with 1 <= K <= 256 (and finite, with `values`)."""
+    check_float_matrix(name, centroids, ndim=3, values=values)
     M, K, ds = centroids.shape
     if M < 1 or K < 1 or ds < 1:
         raise ValueError(f"{name} must have shape (M, K, ds) with all sizes >= 1, got {tuple(centroids.shape)}")
@@ -36,9 +36,10 @@ def check_centroids(centroids, name: str = "centroids"):
     return centroids
 
 
-def check_vectors_for(name: str, x, centroids):
-    """Validate x (n, D) against centroids (M, K, ds): D must equal M * ds."""
-    check_float_matrix(name, x)
+def check_vectors_for(name: str, x, centroids, values: bool = True):
+    """Validate x (n, D) against centroids (M, K, ds): D must equal M * ds (and x finite, with
+    `values`)."""
+    check_float_matrix(name, x, values=values)
     M, _, ds = centroids.shape
     if x.shape[1] != M * ds:
         raise ValueError(

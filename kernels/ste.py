@@ -355,7 +355,11 @@ class _CpuOps:
         return out
 
     @staticmethod
-    def grad_table(g, codes, doc_index, M, K):
+    def grad_table_plan(codes, K):
+        return None  # the numba kernels need no preparation
+
+    @staticmethod
+    def grad_table(g, codes, doc_index, M, K, plan=None):
         """dL/dscores for a tile of queries -> G of shape (M, bt, K) (any strides)."""
         bt = g.shape[0]
         if doc_index is None:
@@ -404,10 +408,11 @@ def _fast_backward(ops, g, gr, q, C, codes, x, doc_index, metric, needs):
     dq = torch.zeros((B, D), dtype=q.dtype, device=q.device) if needs[0] else None
     dC = torch.zeros((M, K, ds), dtype=C.dtype, device=C.device) if needs[1] else None
     if g is not None and (needs[0] or needs[1]):
+        plan = ops.grad_table_plan(codes, K) if doc_index is None else None  # shared by the tiles
         for b0 in range(0, B, ops.TILE):
             b1 = min(B, b0 + ops.TILE)
             idx = None if doc_index is None else doc_index[b0:b1]
-            G = ops.grad_table(g[b0:b1], codes, idx, M, K)  # (M, bt, K)
+            G = ops.grad_table(g[b0:b1], codes, idx, M, K, plan)  # (M, bt, K)
             qs = q[b0:b1].reshape(b1 - b0, M, ds).transpose(0, 1)  # (M, bt, ds)
             sign = 1.0 if metric == "ip" else -2.0
             if needs[0]:
@@ -485,21 +490,21 @@ class QuantizeAndScoreFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public
-def _check_doc_index(doc_index, B: int, N: int):
+def _check_doc_index(doc_index, B: int, N: int, values: bool = True):
     if doc_index.ndim != 2:
         raise ValueError(f"doc_index must have shape (B, P), got shape {tuple(doc_index.shape)}")
     if doc_index.dtype.is_floating_point or doc_index.dtype == torch.bool:
         raise TypeError(f"doc_index must be an integer tensor (int64 expected), got {doc_index.dtype}")
     if doc_index.shape[0] != B:
         raise ValueError(f"doc_index has {doc_index.shape[0]} rows, but q has B={B} queries")
-    if doc_index.numel():
+    if values and doc_index.numel():
         lo, hi = int(doc_index.min()), int(doc_index.max())
         if lo < 0 or hi >= N:
             raise ValueError(f"doc_index values must lie in [0, {N}), found range [{lo}, {hi}]")
 
 
 def quantize_and_score(q, centroids, codes=None, x=None, doc_index=None, metric: str = "ip",
-                       return_recon_error: bool = False, backend: str = "auto"):
+                       return_recon_error: bool = False, backend: str = "auto", check: bool = True):
     """Score queries against PQ-quantized documents, with gradients for JPQ training.
 
     Args:
@@ -517,6 +522,11 @@ def quantize_and_score(q, centroids, codes=None, x=None, doc_index=None, metric:
         return_recon_error: also return ||x - x_hat||^2 per document (needs x).
         backend: "auto" | "triton" | "cpu" | "reference". The triton path computes in float32;
             the CPU and reference paths keep float64 inputs in float64.
+        check: validate the values: q, centroids and x finite, codes and doc_index in range;
+            each a pass over the tensor that on CUDA waits for the device (four or five per
+            call). Skip only for inputs built to be valid, as JPQTrainer's are: an out-of-range
+            doc_index or code then reads outside its tensor. Shapes and dtypes are checked
+            either way.
 
     Returns:
         scores: shape=(B, N) (all pairs) or (B, P) (given pairs), in q's dtype and device;
@@ -526,15 +536,15 @@ def quantize_and_score(q, centroids, codes=None, x=None, doc_index=None, metric:
     if not kind.is_torch:
         raise TypeError("quantize_and_score is an autograd op: pass torch tensors, not NumPy arrays")
     check_metric(metric)
-    check_centroids(centroids)
-    check_vectors_for("q", q, centroids)
+    check_centroids(centroids, values=check)
+    check_vectors_for("q", q, centroids, values=check)
     M, K, ds = centroids.shape
     if codes is None and x is None:
         raise ValueError("pass codes=(N, M) PQ codes, or x=(N, D) to assign inside; got neither")
     if x is not None:
-        check_vectors_for("x", x, centroids)
+        check_vectors_for("x", x, centroids, values=check)
     if codes is not None:
-        check_codes(codes, M, K)
+        check_codes(codes, M, K, values=check)
         if x is not None and x.shape[0] != codes.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but codes has {codes.shape[0]}")
     if return_recon_error and x is None:
@@ -544,7 +554,7 @@ def quantize_and_score(q, centroids, codes=None, x=None, doc_index=None, metric:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass one float dtype")
     N = codes.shape[0] if codes is not None else x.shape[0]
     if doc_index is not None:
-        _check_doc_index(doc_index, q.shape[0], N)
+        _check_doc_index(doc_index, q.shape[0], N, values=check)
     path = resolve_backend(backend, kind)
 
     compute = torch.float64 if (q.dtype == torch.float64 and path != "triton") else torch.float32

@@ -5,7 +5,8 @@ calls the launchers below through the same interface as its CPU path (`_CpuOps`)
 
     scores(q, C, codes, doc_index, metric)     -> (B, N) or (B, P)   forward, LUT gather-sum
     recon_error(x, C, codes)                   -> (N,)               ||x - x_hat||^2, fused
-    grad_table(g, codes, doc_index, M, K)      -> (M, B, K) view     G, atomic scatter by code
+    grad_table_plan(codes, K)                  -> plan or None       all pairs: documents by code
+    grad_table(g, codes, doc_index, M, K, plan)-> (M, B, K) view     G: by code lists / atomics
     recon_dc_(dC, x, C, codes, gr)             in place              recon term of dC, atomic
     dx_epilogue_(dx, x, C, codes, a, r)        in place              dx += a x_hat + r (x - x_hat)
 
@@ -18,10 +19,13 @@ Design notes:
   `_build_lut_torch`), then adc_triton's gather kernel (the ADC kernel itself): one program
   per (query b) x (128 candidates) gathers lut[b, m, codes[doc, m]] for BLOCK_M subspaces at
   a time. With given pairs (PAIRS) the document of each (b, p) comes from doc_index.
-- Backward: the same tiling, with tl.atomic_add(G[b, m, code], g[b, p]) in place of the load.
-  B*P*M relaxed float atomics into a B*M*K table (~50 documents per (m, k) at N=12800);
-  a one-hot tl.dot formulation (G_m = g @ onehot(codes[:, m])) is the alternative to time on
-  a GPU if the atomics turn out to be the bottleneck.
+- Backward, given pairs: the same tiling, with tl.atomic_add(G[b, m, code], g[b, p]) in place
+  of the load (B*P*M relaxed float atomics; a query's ~100 candidates rarely collide).
+- Backward, all pairs: every (b, m, k) entry collects N / K documents, and one atomic per
+  document was the bottleneck on an H200 (6.0 of 7.3 ms at 64 x 100,000, M = 96). Instead each
+  subspace's documents are sorted by code once per backward (torch.sort of the (M, N) codes);
+  a program takes 64 of them in that order x 64 queries, sums the rows of g.T per run of equal
+  codes (tl.associative_scan) and adds each run's sum with one atomic per query.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ BLOCK_N = 64  # documents per program of the reconstruction kernels
 MAX_BLOCK_D = 64  # sub-vector columns per step of the reconstruction kernels
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1
 TILE = 256  # queries per G table in ste._fast_backward: (256, M, K) floats = 25 MB at M=96
+SORTED_BLOCK_J = 64  # documents (in code order) per program of the all-pairs G kernel
 
 
 @triton.jit
@@ -65,6 +70,50 @@ def _grad_table_kernel(
         mask = mask_p[:, None] & (m < M)[None, :]
         code = tl.load(codes_ptr + docs[:, None] * M + m[None, :], mask=mask, other=0)
         tl.atomic_add(G_b + m[None, :] * K + code.to(tl.int32), vals, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _segmented_add(v1, f1, v2, f2):
+    """Segmented-sum operator for tl.associative_scan: f marks a row that starts a segment."""
+    return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
+
+
+@triton.jit
+def _grad_table_sorted_kernel(
+    gT_ptr, perm_ptr, sorted_ptr, G_ptr, B, N, M, K,
+    BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """G[b, m, k] += g[b, n] for all pairs, BLOCK_J documents of subspace m taken in code order
+    (perm[m], sorted_codes[m]) x BLOCK_B queries per program: the tile's rows of g.T are summed
+    per run of equal codes (a segmented scan down the tile) and each run adds its sum with one
+    atomic per query, instead of one per document (N / K documents share each code: 390 at
+    N = 100,000, K = 256).
+
+    Args:
+        gT_ptr: dL/dscores transposed, shape=(N, B), float32, contiguous.
+        perm_ptr: shape=(M, N), int64: each subspace's document order by code.
+        sorted_ptr: shape=(M, N), uint8: the codes in that order.
+        G_ptr: the table, shape=(B, M, K), float32, zero-initialised (atomically added to).
+    """
+    j0 = tl.program_id(0) * BLOCK_J
+    m = tl.program_id(1).to(tl.int64)
+    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    j = j0 + tl.arange(0, BLOCK_J)
+    mask_j = j < N
+    row = m * N + j
+    n = tl.load(perm_ptr + row, mask=mask_j, other=0)
+    code = tl.load(sorted_ptr + row, mask=mask_j, other=0).to(tl.int32)
+    before = tl.load(sorted_ptr + row - 1, mask=mask_j & (j > j0), other=0).to(tl.int32)
+    after = tl.load(sorted_ptr + row + 1, mask=(j + 1 < N) & (j + 1 < j0 + BLOCK_J), other=0).to(tl.int32)
+    starts = (j == j0) | (code != before)
+    ends = mask_j & ((j + 1 == N) | (j + 1 == j0 + BLOCK_J) | (code != after))
+    mask = mask_j[:, None] & mask_b[None, :]
+    vals = tl.load(gT_ptr + n[:, None] * B + offs_b[None, :], mask=mask, other=0.0)
+    flags = tl.broadcast_to(starts.to(tl.int32)[:, None], (BLOCK_J, BLOCK_B))
+    sums, _ = tl.associative_scan((vals, flags), 0, _segmented_add)
+    dst = G_ptr + offs_b[None, :].to(tl.int64) * (M * K) + m * K + code[:, None]
+    tl.atomic_add(dst, sums, mask=ends[:, None] & mask_b[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -179,12 +228,39 @@ def scores(q, C, codes, doc_index, metric):
     return out
 
 
-def grad_table(g, codes, doc_index, M, K):
+def grad_table_plan(codes, K):
+    """Each subspace's documents in code order, for the all-pairs G: (perm (M, N) int64,
+    sorted codes (M, N) uint8); see `_grad_table_sorted_kernel`. One sort of the codes per
+    backward, shared by its query tiles."""
+    sorted_codes, perm = torch.sort(codes.T.contiguous(), dim=1)
+    return perm.contiguous(), sorted_codes.contiguous()
+
+
+@_on_first_tensors_device
+def grad_table(g, codes, doc_index, M, K, plan=None):
     """G[b, m, k] = sum of g[b, p] over the p whose document has code k in subspace m.
-    g: (B, P) float32 -> (M, B, K) (a transposed view of a (B, M, K) table)."""
+    g: (B, P) float32 -> (M, B, K) (a transposed view of a (B, M, K) table).
+
+    Given pairs (doc_index): one float atomic per (query, candidate, subspace), one query x 128
+    candidates per program. All pairs: documents in code order (`plan` from `grad_table_plan`,
+    computed here when None), one atomic per run of equal codes in a 64-document tile. On an
+    H200 the per-document atomics took 6.0 ms of a 7.3 ms forward + backward at 64 queries x
+    100,000 documents, M = 96 (bench/results/gpu_profile.md): N / K = 390 documents add into
+    each (b, m, k) entry there, where a training step's pairs (~100 per query) rarely collide."""
     g = g.contiguous().float()
-    G = torch.zeros((g.shape[0], M, K), dtype=torch.float32, device=g.device)
-    launch_pairs(_grad_table_kernel, g, codes, doc_index, G, g.shape[0], g.shape[1], M, K)
+    B, P = g.shape
+    G = torch.zeros((B, M, K), dtype=torch.float32, device=g.device)
+    if doc_index is not None:
+        launch_pairs(_grad_table_kernel, g, codes, doc_index, G, B, P, M, K)
+        return G.transpose(0, 1)
+    if B == 0 or P == 0 or M == 0:
+        return G.transpose(0, 1)
+    perm, sorted_codes = plan if plan is not None else grad_table_plan(codes, K)
+    gT = g.T.contiguous()  # (N, B): a document's gradients for all the tile's queries, contiguous
+    block_b = min(64, triton.next_power_of_2(B))
+    grid = (triton.cdiv(P, SORTED_BLOCK_J), M, triton.cdiv(B, block_b))
+    _grad_table_sorted_kernel[grid](gT, perm, sorted_codes, G, B, P, M, K,
+                                    BLOCK_J=SORTED_BLOCK_J, BLOCK_B=block_b)
     return G.transpose(0, 1)
 
 

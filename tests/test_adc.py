@@ -39,7 +39,7 @@ def test_triton_topk_breaks_exact_ties_by_smaller_id_across_chunks(monkeypatch, 
 
     if not (triton_importable() and is_interpreter()):
         pytest.skip("needs triton under TRITON_INTERPRET=1")
-    monkeypatch.setattr(adc_module, "TRITON_SCORES_PER_CHUNK", 48)
+    monkeypatch.setattr(adc_module, "TRITON_KEYS_PER_CHUNK", 1)
     monkeypatch.setattr(adc_module, "TRITON_MIN_DOCS_PER_CHUNK", 16)
     rng = np.random.default_rng(7)
     lut = np.array([[[0.5, -1.25, 0.5]], [[2.0, 2.0, -0.0]]], np.float32)  # (2, 1, 3): exact ties
@@ -152,7 +152,7 @@ def test_triton_topk_merges_document_chunks(monkeypatch, metric, nq, k):
 
     if not (triton_importable() and is_interpreter()):
         pytest.skip("needs triton under TRITON_INTERPRET=1")
-    monkeypatch.setattr(adc_module, "TRITON_SCORES_PER_CHUNK", 16 * nq)
+    monkeypatch.setattr(adc_module, "TRITON_KEYS_PER_CHUNK", 1)
     monkeypatch.setattr(adc_module, "TRITON_MIN_DOCS_PER_CHUNK", 16)
     rng = np.random.default_rng(nq + k)
     C, codes, q = random_pq(rng, 4, 16, 2, 200, nq)  # K = 16: many tied scores across chunks
@@ -246,9 +246,22 @@ def test_named_triton_backend_raises_when_it_cannot_run(monkeypatch):
     assert numpy_of(I).tolist() == [[0]]
 
 
-def test_check_false_skips_the_code_range_only():
-    """adc_topk(check=False) trusts the code values, never the shapes: codes with the wrong
-    number of sub-quantizers are refused as with check=True."""
+def test_check_false_skips_value_checks_never_shapes():
+    """adc_topk(check=False) and build_lut(check=False) trust the values (code range, finite
+    inputs: each check is a pass that waits for a CUDA device), never the shapes: codes with the
+    wrong number of sub-quantizers are refused as with check=True."""
+    nan_lut = np.full((1, 2, 16), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        adc_topk(nan_lut, np.zeros((3, 2), np.uint8), 1)
+    adc_topk(nan_lut, np.zeros((3, 2), np.uint8), 1, check=False)
+    with pytest.raises(ValueError, match="NaN"):
+        adc_topk(np.zeros((1, 2, 16), np.float32), np.zeros((3, 2), np.uint8), 1, doc_scale=np.full(3, np.inf, np.float32))
+    C, q = np.zeros((2, 16, 3), np.float32), np.full((1, 6), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        build_lut(q, C)
+    assert np.isnan(numpy_of(build_lut(q, C, check=False))).all()
+    with pytest.raises(ValueError, match="dimension"):
+        build_lut(np.zeros((1, 5), np.float32), C, check=False)
     lut = np.zeros((1, 2, 16), np.float32)
     with pytest.raises(ValueError, match="sub-quantizers"):
         adc_topk(lut, np.zeros((3, 1), np.uint8), 1, check=False)
@@ -284,3 +297,73 @@ def test_code_range_check_rejects_every_out_of_range_value_its_dtype_can_hold(as
         with pytest.raises(ValueError, match="found a maximum of 300"):
             check_codes(wide, 4, 256)
     assert check_codes(wrap(signed), 4, 256, values=False) is not None  # values=False: shape and dtype only
+
+
+def _interpreter_or_skip():
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("largest", [True, False], ids=["ip", "l2"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["plain", "doc_scale"])
+@pytest.mark.parametrize("k", [7, 200])
+def test_block_topk_keys_keep_each_blocks_best_keys(largest, with_scale, k):
+    """The top-k kernel's first selection, with tl.sort (select=True, what a GPU runs; the
+    interpreter's default skips it): every 128-document block keeps its best min(k, 128) keys,
+    best first, exactly the keys of the gather kernel's scores (same summation order), and a
+    padding position past N gets INT64_MIN. K = 16 and M = 2: many tied scores in a block."""
+    _interpreter_or_skip()
+    from jpq.kernels.adc import order_keys, scores_of_keys
+    from jpq.kernels.adc_triton import BLOCK_N, adc_block_topk_keys, adc_scores_triton
+
+    rng = np.random.default_rng(k + 2 * largest + with_scale)
+    nq, N, M, K, id_base = 2, 300, 2, 16, 1000  # blocks of 128, 128 and 44 documents
+    lut = torch.from_numpy(rng.standard_normal((nq, M, K)).astype(np.float32))
+    codes = torch.from_numpy(rng.integers(0, K, (N, M)).astype(np.uint8))
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, N).astype(np.float32)) if with_scale else None
+    scores = adc_scores_triton(lut, codes) * (scale if with_scale else 1.0)
+    ids = torch.arange(id_base, id_base + N).expand(nq, N)
+    keys = adc_block_topk_keys(lut, codes, k, largest, scale, id_base=id_base, select=True)
+    keep = min(k, BLOCK_N)
+    assert keys.shape == (nq, 3 * keep) and keys.dtype == torch.int64
+    all_keys = order_keys(scores, ids, largest)
+    for blk in range(3):
+        block = all_keys[:, blk * BLOCK_N:(blk + 1) * BLOCK_N]
+        n_real = block.shape[1]
+        want = torch.sort(block, dim=1, descending=True).values[:, :keep]
+        got = keys[:, blk * keep:(blk + 1) * keep]
+        if keep == BLOCK_N:  # k >= 128: the block keeps all its keys, in document order
+            got = torch.sort(got, dim=1, descending=True).values
+        assert torch.equal(got[:, :min(keep, n_real)], want[:, :min(keep, n_real)])
+        assert bool((got[:, n_real:] == torch.iinfo(torch.int64).min).all())
+    # what the keys decode to: real scores and ids of this chunk
+    v, i = scores_of_keys(keys[:, :min(keep, N)], largest)
+    assert bool(((i >= id_base) & (i < id_base + N)).all())
+    np.testing.assert_array_equal(v.numpy(), scores.gather(1, i - id_base).numpy())
+    # without selection every key is kept, unsorted, padding included
+    every = adc_block_topk_keys(lut, codes, k, largest, scale, id_base=id_base, select=False)
+    assert every.shape == (nq, 3 * BLOCK_N)
+    assert torch.equal(every[:, :N], all_keys)
+    assert bool((every[:, N:] == torch.iinfo(torch.int64).min).all())
+
+
+def test_adc_tilings_found_wrong_on_a_gpu_are_refused():
+    """adc_triton._config refuses more than one document row per thread with more than one
+    subspace per step (wrong on an H200, bench/results/gpu_profile.md); the defaults and the
+    tilings the card computed right pass."""
+    pytest.importorskip("triton")
+    from jpq.kernels.adc_triton import _config
+
+    for M in (1, 3, 16, 96, 200):
+        _config(M, None)
+    for cfg in ({"BLOCK_N": 256, "BLOCK_M": 1, "num_warps": 4}, {"BLOCK_N": 256, "BLOCK_M": 32, "num_warps": 8},
+                {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 2}):
+        _config(96, cfg)
+    for cfg in ({"BLOCK_N": 256, "num_warps": 4}, {"BLOCK_N": 128, "BLOCK_M": 8, "num_warps": 2},
+                {"BLOCK_N": 512, "BLOCK_M": 2, "num_warps": 8}):
+        with pytest.raises(ValueError, match="BLOCK_N <= 32 \\* num_warps"):
+            _config(96, cfg)

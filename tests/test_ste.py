@@ -242,8 +242,51 @@ def test_bad_inputs_raise(case):
         quantize_and_score(**kwargs)
 
 
+VALUE_CASES = ("codes values must lie", "q contains NaN", "doc_index values must lie")
+
+
+@pytest.mark.parametrize("case", range(len(bad_cases())))
+def test_check_false_skips_only_the_value_checks(case):
+    """check=False (what JPQTrainer passes: each value check waits for a CUDA device) skips the
+    NaN and range scans and nothing else: every other bad input is refused as before; a NaN
+    query just scores NaN."""
+    kwargs, exc, match = bad_cases()[case]
+    if any(v in match for v in VALUE_CASES):
+        if "q contains NaN" in match:
+            assert torch.isnan(quantize_and_score(**kwargs, check=False)[0]).any()
+        return  # out-of-range codes or doc_index would read outside the tensors: not called
+    with pytest.raises(exc, match=match):
+        quantize_and_score(**kwargs, check=False)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a CUDA device")
 def test_mixed_devices_raise():
     q, C, codes, _, _ = make_problem(10, B=2, N=3, M=2, K=4, ds=2)
     with pytest.raises(ValueError, match="different devices"):
         quantize_and_score(q.cuda(), C, codes=codes)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,N,M,K", [(70, 200, 2, 3), (3, 130, 1, 256), (5, 64, 3, 1), (2, 65, 2, 2), (4, 0, 2, 3)])
+def test_all_pairs_grad_table_sums_runs_of_codes_exactly(B, N, M, K):
+    """The Triton all-pairs table G[b, m, k] = sum of g[b, n] over codes[n, m] = k, built from the
+    documents in code order with one atomic per run of equal codes in a 64-document tile: runs
+    longer than a tile (K = 1, 2, 3), runs cut by tile ends (N = 65, 130), more than one block of
+    64 queries (B = 70), a single run per subspace (K = 1), no documents."""
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    from jpq.kernels import ste_triton
+
+    gen = torch.Generator().manual_seed(B + N + M + K)
+    g = torch.randn((B, N), generator=gen)
+    codes = torch.randint(0, K, (N, M), generator=gen).to(torch.uint8)
+    onehot = torch.nn.functional.one_hot(codes.long(), K).double()  # (N, M, K)
+    want = torch.einsum("bn,nmk->mbk", g.double(), onehot)
+    got = ste_triton.grad_table(g, codes, None, M, K)
+    assert got.shape == (M, B, K)
+    assert_close(got, want, reduction_length=max(N, 1), scale=float(g.abs().max()) if N else 1.0)
+    plan = ste_triton.grad_table_plan(codes, K)  # as the backward passes it, shared by its tiles
+    assert torch.equal(ste_triton.grad_table(g, codes, None, M, K, plan), got)

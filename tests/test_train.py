@@ -8,7 +8,7 @@ from jpq.kernels.adc import adc_scores_reference, build_lut_reference
 from jpq.pipeline import m_for_ratio
 from kernel_cases import assert_topk_matches
 from jpq.index import query_aware_codebooks
-from jpq.train import JPQTrainer, TrainConfig, ce_loss, holdout_split, pairwise_loss
+from jpq.train import RANDPERM_MAX_ROWS, JPQTrainer, TrainConfig, ce_loss, holdout_split, pairwise_loss, sample_rows
 
 
 class ToyEncoder(torch.nn.Module):
@@ -612,3 +612,40 @@ def test_a_run_whose_gains_the_guard_blocks_trains_past_patience_and_selects_the
     # the loaded centroids are those of epoch 6, not the untrained start nor the last epoch
     torch.testing.assert_close(trainer.centroids.detach(), snapshots[6], rtol=0, atol=0)
     assert not torch.equal(snapshots[6], snapshots[0]) and not torch.equal(snapshots[6], snapshots[9])
+
+
+@pytest.mark.parametrize("N,n", [(10, 3), (10, 20), (1 << 16, 7), (100_000, 512), (100_000, 30_000), (100_000, 1)])
+def test_sample_rows_draws_distinct_rows_reproducibly(N, n):
+    torch.manual_seed(0)
+    a = sample_rows(N, n)
+    torch.manual_seed(0)
+    b = sample_rows(N, n)
+    assert torch.equal(a, b) and a.dtype == torch.int64
+    assert len(a) == min(n, N) == len(torch.unique(a))
+    assert int(a.min()) >= 0 and int(a.max()) < N
+
+
+def test_sample_rows_draws_what_randperm_drew_up_to_the_threshold():
+    """Corpora up to RANDPERM_MAX_ROWS (SciFact's 5,183 documents) get the rows earlier runs got."""
+    for N in (5183, RANDPERM_MAX_ROWS):
+        torch.manual_seed(3)
+        a = sample_rows(N, 512)
+        torch.manual_seed(3)
+        assert torch.equal(a, torch.randperm(N)[:512])
+
+
+def test_sample_rows_above_the_threshold_is_uniform_over_rows_and_positions():
+    """The O(n) draw (N > RANDPERM_MAX_ROWS): over 600 draws of 100 rows of 70,000 every block of
+    1,000 rows is hit about 857 times, and the first row of a draw is no likelier to be small
+    than large (a draw that kept sorted order, or favoured early ids, fails)."""
+    N, n, reps = 70_000, 100, 600
+    assert N > RANDPERM_MAX_ROWS
+    torch.manual_seed(1)
+    draws = torch.stack([sample_rows(N, n) for _ in range(reps)])
+    counts = np.bincount(draws.numpy().ravel() // 1000, minlength=70)
+    expected = reps * n / 70
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 69 + 5 * np.sqrt(2 * 69)  # 69 degrees of freedom, 5 sigma
+    first = draws[:, 0].numpy()
+    assert abs(float(np.mean(first < N / 2)) - 0.5) < 0.1
+    assert not bool((draws[:, 1:] > draws[:, :-1]).all(dim=1).any())  # never in sorted order
