@@ -25,7 +25,10 @@ Design notes:
   document was the bottleneck on an H200 (6.0 of 7.3 ms at 64 x 100,000, M = 96). Instead each
   subspace's documents are sorted by code once per backward (torch.sort of the (M, N) codes);
   a program takes 64 of them in that order x 64 queries, sums the rows of g.T per run of equal
-  codes (tl.associative_scan) and adds each run's sum with one atomic per query.
+  codes (tl.associative_scan) and adds each run's sum with one atomic per query. On the H200:
+  2.8 ms forward + backward at 64 x 100,000, M = 96 (from 7.3; plain torch 3.6), exact to 3e-7
+  relative against float64; peak 277 MB (the int64 order of the sorted codes) against 32 MB
+  before and 835 MB for torch (bench/results/gpu.md, run 5).
 """
 from __future__ import annotations
 
