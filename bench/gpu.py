@@ -831,6 +831,22 @@ def adc_sweep(ctx, budget_s: float = 150.0) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def start_torch(cpu_dry_run: bool, nothing: str):
+    """Set TRITON_INTERPRET for a dry run (or clear it), then import torch; returns it, or None
+    after printing "no CUDA device: <nothing>" when there is no GPU and no dry run. Triton reads
+    TRITON_INTERPRET when it is imported: call this before anything imports it."""
+    if cpu_dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    if not cpu_dry_run and not torch.cuda.is_available():
+        print(f"no CUDA device: {nothing}")
+        return None
+    return torch
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 100,000 instead of 1,000,000")
@@ -841,15 +857,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-budget", type=float, default=150.0, help="seconds for the sweep")
     args = parser.parse_args(argv)
 
-    # TRITON_INTERPRET is read when triton is imported: decide before anything imports it
-    if args.cpu_dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    import torch
-
-    if not args.cpu_dry_run and not torch.cuda.is_available():
-        print("no CUDA device: nothing to check")
+    torch = start_torch(args.cpu_dry_run, "nothing to check")
+    if torch is None:
         return 0
     import triton
 

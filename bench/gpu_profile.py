@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -77,6 +76,16 @@ def topk_breakdown(ctx) -> str:
             "written, turned into an int64 key and ranked by one torch.topk.\n\n" + "\n".join(lines) + "\n")
 
 
+def _mean_step_ms(trainer, batches, device) -> float:
+    """Mean wall milliseconds of trainer.step over batches, the device drained before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for b in batches:
+        trainer.step(b)
+    _sync(device)
+    return (time.perf_counter() - t0) / len(batches) * 1e3
+
+
 class _PhaseTimer:
     """Wraps trainer methods so each call is timed between two device synchronisations."""
 
@@ -115,12 +124,7 @@ def train_step_profile(ctx) -> str:
     warm, timed = batches[:3], batches[3:19]
     for b in warm:
         trainer.step(b)
-    _sync(ctx.device)
-    t0 = time.perf_counter()
-    for b in timed:
-        trainer.step(b)
-    _sync(ctx.device)
-    per_step = (time.perf_counter() - t0) / len(timed) * 1e3
+    per_step = _mean_step_ms(trainer, timed, ctx.device)
 
     phases = _PhaseTimer(ctx.device)
     phases.wrap(trainer, "_queries", "query tower forward")
@@ -129,8 +133,6 @@ def train_step_profile(ctx) -> str:
     phases.wrap(trainer, "_scores", "fused op forward (+ unique, copies)")
     phases.wrap(trainer, "_corpus_recon", "corpus reconstruction term")
     phases.wrap(trainer.optimizer, "step", "AdamW step")
-    import torch.autograd
-
     backward = torch.Tensor.backward
 
     def timed_backward(self, *a, **kw):
@@ -142,12 +144,7 @@ def train_step_profile(ctx) -> str:
 
     torch.Tensor.backward = timed_backward
     try:
-        _sync(ctx.device)
-        t0 = time.perf_counter()
-        for b in timed:
-            trainer.step(b)
-        _sync(ctx.device)
-        synced = (time.perf_counter() - t0) / len(timed) * 1e3
+        synced = _mean_step_ms(trainer, timed, ctx.device)
     finally:
         torch.Tensor.backward = backward
     lines = ["| phase | ms per step (synchronised) |", "|---|---:|"]
@@ -241,17 +238,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default="topk,train,ste,tiling")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
-    if args.cpu_dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    import torch
+    from gpu import Context, start_torch
 
-    if not args.cpu_dry_run and not torch.cuda.is_available():
-        print("no CUDA device: nothing to profile")
+    torch = start_torch(args.cpu_dry_run, "nothing to profile")
+    if torch is None:
         return 0
     import triton
-    from gpu import Context
 
     device = torch.device("cpu" if args.cpu_dry_run else "cuda")
     name = "CPU interpreter" if args.cpu_dry_run else torch.cuda.get_device_name()
