@@ -729,10 +729,16 @@ class JPQTrainer(Checkpointing):
         pseudo = self._pseudo_query_loss()
         if pseudo is not None:
             loss = loss + self.cfg.pseudo_query_weight * pseudo
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the update: the parameters stay as they were
+            raise FloatingPointError(
+                f"training loss is {value} at epoch {self.state.epoch + 1} (rank loss "
+                f"{float(rank_loss.detach())}): the query tower or the centroids diverged; lower "
+                f"lr_encoder ({self.cfg.lr_encoder}) or lr_centroids ({self.cfg.lr_centroids})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "rank_loss": float(rank_loss.detach()), "recon": float(recon.detach()),
+        return {"loss": value, "rank_loss": float(rank_loss.detach()), "recon": float(recon.detach()),
                 "corpus_recon": 0.0 if corpus_recon is None else float(corpus_recon.detach()),
                 "pseudo": 0.0 if pseudo is None else float(pseudo.detach())}
 

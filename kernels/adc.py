@@ -385,8 +385,9 @@ def _adc_scores_triton(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 # Keys per top-k chunk: a chunk of documents gives each query ceil(chunk / BLOCK_N) * min(k,
 # BLOCK_N) candidate keys (adc_triton.adc_block_topk_keys: each 128-document block keeps its
 # best min(k, 128)), at most TRITON_KEYS_PER_CHUNK for all queries together (512 MB of int64),
-# and at least TRITON_MIN_DOCS_PER_CHUNK documents. With k = 10 one chunk covers 10**8
-# documents at nq = 64: a search is one kernel and one torch.topk of N / 12.8 keys per query.
+# and at least TRITON_MIN_DOCS_PER_CHUNK documents. With k = 10 one chunk covers 13 million
+# documents at nq = 64 (0.8 million at 1024 queries): a search of a million documents is one
+# kernel and one torch.topk of N / 12.8 keys per query.
 # (Before the block top-k, every score became a key: the (nq, N) float32 scores, their int64
 # keys, and a torch.topk over all N keys; at nq = 64, N = 10**6, M = 96 on an H200 the keys and
 # their top-k cost 3.1 ms on top of the 3.5 ms scoring kernel, bench/results/gpu_profile.md.)

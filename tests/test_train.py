@@ -649,3 +649,18 @@ def test_sample_rows_above_the_threshold_is_uniform_over_rows_and_positions():
     first = draws[:, 0].numpy()
     assert abs(float(np.mean(first < N / 2)) - 0.5) < 0.1
     assert not bool((draws[:, 1:] > draws[:, :-1]).all(dim=1).any())  # never in sorted order
+
+
+def test_a_diverged_step_raises_before_it_updates_anything():
+    """The trainer's kernels skip their NaN scans (check=False: each waited for the device), so
+    the step itself refuses a non-finite loss, before the optimizer moves any parameter."""
+    trainer = make_trainer("jpq", epochs=1)
+    batch = trainer._batches(np.random.default_rng(0))[0]
+    with torch.no_grad():
+        trainer.encoder.linear.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in (trainer.centroids, *trainer.encoder.parameters())]
+    with pytest.raises(FloatingPointError, match="diverged; lower lr_encoder"):
+        trainer.step(batch)
+    after = [p.detach() for p in (trainer.centroids, *trainer.encoder.parameters())]
+    for a, b in zip(before, after):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
