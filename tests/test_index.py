@@ -550,6 +550,43 @@ def test_unit_norm_device_search_matches_the_cpu(data):
     assert_topk_matches(Dt, It, D, I, scores, atol=1e-4)
 
 
+def test_unit_norm_device_scales_are_kept_until_the_device_copies_change(data, monkeypatch):
+    """A unit_norm search on the device computes the 1 / ||x_hat|| scales (a pass over all codes)
+    once per set of device copies: again after add (new codes), new centroids or
+    drop_device_copies, and the results stay those of a fresh computation."""
+    from jpq import index as index_module
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    x, q = data
+    x = _unit(x[:300])
+    index = jpq.PQIndex(32, 8, nbits=6, opq=False, unit_norm=True)
+    index.train(x, niter=5)
+    index.add(x[:200])
+    device_calls = []
+    real = index_module.unit_norm_scale
+
+    def counting(centroids, codes, **kw):
+        if isinstance(codes, torch.Tensor):  # the device search's (the CPU search keeps NumPy scales)
+            device_calls.append(1)
+        return real(centroids, codes, **kw)
+
+    monkeypatch.setattr(index_module, "unit_norm_scale", counting)
+    qt = torch.from_numpy(q[:3])
+    steps = [(1, None), (1, None), (2, lambda: index.add(x[200:260])),
+             (3, lambda: setattr(index, "centroids", index.centroids * 2.0)), (4, index.drop_device_copies)]
+    for expected, change in steps:
+        if change is not None:
+            change()
+        Dt, It = index.search(qt, 5, backend="triton")
+        D, I = index.search(q[:3], 5)
+        np.testing.assert_array_equal(It.numpy(), I)
+        np.testing.assert_allclose(Dt.numpy(), D, rtol=1e-5, atol=1e-5)
+        assert len(device_calls) == expected
+
+
 def test_unit_norm_saves_loads_and_refuses_faiss_export(tmp_path, data):
     x, q = data
     x = _unit(x)
