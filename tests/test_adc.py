@@ -367,3 +367,27 @@ def test_adc_tilings_found_wrong_on_a_gpu_are_refused():
                 {"BLOCK_N": 512, "BLOCK_M": 2, "num_warps": 8}):
         with pytest.raises(ValueError, match="BLOCK_N <= 32 \\* num_warps"):
             _config(96, cfg)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_triton_topk_with_block_selection_keeps_exact_ties_across_chunks(monkeypatch, metric):
+    """The path a GPU runs: every block keeps only its best min(k, 128) keys (tl.sort; the
+    interpreter's default keeps all), chunks merged: with three distinct scores (K = 3, M = 1)
+    the k-th place is a tie among dozens of documents in several blocks and chunks, and the
+    result must still be exactly the reference's (smallest ids first)."""
+    _interpreter_or_skip()
+    from jpq.kernels import adc as adc_module
+    from jpq.kernels import adc_triton
+
+    monkeypatch.setattr(adc_triton, "is_interpreter", lambda: False)  # select, as on a GPU
+    monkeypatch.setattr(adc_module, "TRITON_KEYS_PER_CHUNK", 1)
+    monkeypatch.setattr(adc_module, "TRITON_MIN_DOCS_PER_CHUNK", 150)  # chunks of 150: 2 blocks each
+    rng = np.random.default_rng(11)
+    lut = np.array([[[0.5, -1.25, 0.5]], [[2.0, 2.0, -0.0]]], np.float32)
+    codes = rng.integers(0, 3, (400, 1)).astype(np.uint8)
+    for k in (1, 7, 130):
+        D_ref, I_ref = topk_from_scores(adc_scores_reference(lut, codes), k, metric)
+        D, I = adc_topk(torch.from_numpy(lut), torch.from_numpy(codes), k, metric=metric, backend="triton")
+        np.testing.assert_array_equal(I.numpy(), I_ref)
+        np.testing.assert_array_equal(D.numpy(), D_ref)
