@@ -399,7 +399,9 @@ def order_keys(scores: torch.Tensor, ids: torch.Tensor, largest: bool) -> torch.
     """int64 keys whose descending order is the top-k order: the better score first, then the
     smaller id (exact: no float tie is left to torch.topk's choice). The float32 score (negated
     for L2) is mapped to an int32 that orders like it (negative floats: low 31 bits flipped),
-    shifted to the high half; the low half is 2**32 - 1 - id. ids: int64, 0 <= id < 2**32."""
+    shifted to the high half; the low half is 2**32 - 1 - id. ids: int64, 0 <= id < 2**32.
+    The Triton top-k computes these keys inside its kernel (adc_triton._adc_block_topk_kernel);
+    this torch form is what the tests compare it with, key for key."""
     s = (scores if largest else -scores) + 0.0  # + 0.0: -0.0 becomes +0.0, which it equals
     bits = s.view(torch.int32)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)

@@ -76,16 +76,24 @@ def _adc_gather_kernel(
         BLOCK_N, BLOCK_M: candidates per program and subspaces per step.
     """
     b, offs_p, mask_p, docs = pair_rows(idx_ptr, P, PAIRS, BLOCK_N)
+    acc = _gather_sum(lut_ptr + b * M * K, codes_ptr, docs, mask_p, M, K, BLOCK_N, BLOCK_M)
+    tl.store(out_ptr + b * P + offs_p, acc, mask=mask_p)
+
+
+@triton.jit
+def _gather_sum(lut_b, codes_ptr, docs, mask_n, M, K, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(BLOCK_N,) float32: sum_m lut_b[m, codes[docs, m]] for one query's (M, K) table lut_b,
+    BLOCK_M subspaces per step (0 where mask_n is off). The one summation order of the ADC
+    kernels: `_adc_gather_kernel` and `_adc_block_topk_kernel` give bitwise the same scores."""
     offs_m = tl.arange(0, BLOCK_M)
-    lut_b = lut_ptr + b * M * K
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs_m
-        mask = mask_p[:, None] & (m < M)[None, :]  # (BLOCK_N, BLOCK_M)
+        mask = mask_n[:, None] & (m < M)[None, :]  # (BLOCK_N, BLOCK_M)
         code = tl.load(codes_ptr + docs[:, None] * M + m[None, :], mask=mask, other=0)
         vals = tl.load(lut_b + m[None, :] * K + code.to(tl.int32), mask=mask, other=0.0)
         acc += tl.sum(vals, axis=1)
-    tl.store(out_ptr + b * P + offs_p, acc, mask=mask_p)
+    return acc
 
 
 @triton.jit
@@ -96,7 +104,7 @@ def _adc_block_topk_kernel(
 ):
     """Top-`keep` order keys of each block of BLOCK_N documents, for one query per program.
 
-    Scores exactly as `_adc_gather_kernel` (same tile, same summation order), times
+    Scores as `_adc_gather_kernel` (`_gather_sum`: the same tile and summation order), times
     scale[doc] when HAS_SCALE, then the int64 key of `adc.order_keys` (the score's bits, made
     to order like the float, in the high half; 2**32 - 1 - (id_base + doc) in the low half), so
     descending key order is best score first, then smaller id. With SORT the block's keys are
@@ -115,15 +123,7 @@ def _adc_block_topk_kernel(
     offs = tl.arange(0, BLOCK_N)
     docs = blk.to(tl.int64) * BLOCK_N + offs
     mask_n = docs < N
-    offs_m = tl.arange(0, BLOCK_M)
-    lut_b = lut_ptr + b * M * K
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        m = m0 + offs_m
-        mask = mask_n[:, None] & (m < M)[None, :]
-        code = tl.load(codes_ptr + docs[:, None] * M + m[None, :], mask=mask, other=0)
-        vals = tl.load(lut_b + m[None, :] * K + code.to(tl.int32), mask=mask, other=0.0)
-        acc += tl.sum(vals, axis=1)
+    acc = _gather_sum(lut_ptr + b * M * K, codes_ptr, docs, mask_n, M, K, BLOCK_N, BLOCK_M)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + docs, mask=mask_n, other=1.0)
     if not LARGEST:

@@ -75,22 +75,21 @@ def array_kind(**arrays) -> ArrayKind:
     return ArrayKind(False)
 
 
-def check_float_matrix(name: str, x, ndim: int = 2, allow_nan: bool = False, values: bool = True):
-    """Validate a floating array of `ndim` dims; returns it unchanged. Unless allow_nan, or
-    values=False, also that every value is finite: a pass over x, which on a CUDA tensor waits
-    for the device (internal callers whose inputs are already checked pass values=False)."""
+def check_float_matrix(name: str, x, ndim: int = 2, values: bool = True):
+    """Validate a floating array of `ndim` dims; returns it unchanged. With `values`, also that
+    every value is finite: a pass over x, which on a CUDA tensor waits for the device (internal
+    callers whose inputs are already checked pass values=False)."""
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    allow_nan = allow_nan or not values
     if isinstance(x, torch.Tensor):
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor (float32 expected), got {x.dtype}")
-        if not allow_nan and x.numel() and not bool(torch.isfinite(x).all()):
+        if values and x.numel() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
     else:
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{name} must be a floating array (float32 expected), got {x.dtype}")
-        if not allow_nan and x.size and not np.isfinite(x).all():
+        if values and x.size and not np.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or infinite values")
     return x
 
