@@ -17,9 +17,10 @@ Paths:
   `block[i, :] += lut[m, codes[i, m], :]` with the LUT laid out (M, K, Q), so every gathered row
   is Q contiguous floats (one SIMD add per 16 queries); top-k is fused: every thread keeps a
   k-heap per query over its share of documents, so memory is the score block plus the heaps,
-  whatever N is. One query uses a scalar kernel parallel over documents.
-  Measured on the 2-core dev CPU, N=200k, M=96, K=256, k=10: 64 queries 0.12 s vs faiss
-  IndexPQ.search 0.19 s; 1 query 4 ms vs 9 ms (bench/compare_faiss.py has the current figures).
+  whatever N is. Up to FEW_QUERIES queries, scans parallel over documents keep each document's
+  sums in registers instead, four queries per scan (one code byte addresses their four adjacent
+  table entries) and one per query left over.
+  Figures against faiss IndexPQ.search: bench/compare_faiss.py and bench/few_queries.py.
 - Triton (CUDA; the CPU interpreter in tests): `adc_scores` is a gather kernel over (query,
   128-document) tiles. `adc_topk` fuses a first selection into it: each tile turns its scores
   into int64 keys (`order_keys`: score bits in the high half, the inverted id in the low half)
@@ -112,10 +113,17 @@ QUERIES_PER_TILE = 64  # LUT tile (M, K, 64) = 6.3 MB at M=96; see bench/compare
 # 12: 27.4; 15: 46.0, 16: 31.4). So a tile is padded with zero tables to a multiple of QUERY_LANES
 # (the pad lanes are scored, never ranked or returned).
 QUERY_LANES = 4
-# Up to this many queries, one scan per query (scalar kernel, parallel over documents) beats the
-# multi-query kernel even padded (N=200k, M=96, 2 threads, top-k: 4 queries 13.2 vs 17.1 ms,
-# 6 queries 19.4 vs 25.1 padded to 8, 8 queries 26.4 vs 21.5; at N=50k 8 queries 7.1 vs 6.8).
-FEW_QUERIES = 7
+# Up to this many queries, scans parallel over documents with the sums in registers (four
+# queries per scan, then one per query left: `_few_query_groups`) beat the multi-query kernel,
+# whose rows of 4-12 lanes are read and written back once per sub-quantizer. adc_topk, k = 10,
+# 2 threads, time against the multi-query kernel's (2026-12-04; `python bench/few_queries.py`
+# measures it again, and against faiss): N=200k, M=96: 1 / 4 / 8 / 12 / 16 queries 0.20 / 0.45 / 0.79 /
+# 0.96 / 1.05x; N=50k, M=96: 0.21 / 0.55 / 0.82 / 1.03 / 1.12x; N=200k, M=16: 11 queries 0.99x,
+# 13: 0.98x, 14: 1.09x.
+FEW_QUERIES = 12
+# Row length of the few-query kernels' flat tables: the most codes a uint8 holds (K <= 256 is
+# padded to it, `_flat_tables`), a constant so that m * LUT_ROW + code compiles to a shift.
+LUT_ROW = 256
 
 
 @nb.njit(cache=True, inline="always")
@@ -161,12 +169,32 @@ def _score_block(codes, lut_mkq, start, rows, block):
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, inline="always")
-def _score_one(codes, lut_mk, i):
-    """sum_m lut_mk[m, codes[i, m]]: document i's score for one query's (M, K) table."""
+def _sum_one(codes, lut_flat, i):
+    """sum_m lut_flat[m * 256 + codes[i, m]]: document i's score for one query's table, flat with
+    rows of LUT_ROW (`_flat_tables`). A constant row length lets the loop vectorise: on one thread
+    (N = 200k, M = 96) 4.7 ms per query, against 7.9 with the row length K an argument and 6.3 for
+    the 2-D lut[m, code]."""
     acc = np.float32(0.0)
     for m in range(codes.shape[1]):
-        acc += lut_mk[m, codes[i, m]]
+        acc += lut_flat[m * LUT_ROW + codes[i, m]]
     return acc
+
+
+@nb.njit(fastmath=FASTMATH, cache=True, inline="always")
+def _sum_four(codes, lut_flat4, i):
+    """Document i's scores for four queries at once: lut_flat4 is their (M, LUT_ROW, 4) tables,
+    flat (`_flat_tables`), so one code byte addresses four adjacent floats (one SIMD load and add)."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for m in range(codes.shape[1]):
+        o = m * (4 * LUT_ROW) + 4 * codes[i, m]  # not 4 * (m * LUT_ROW + code): 1.3x slower
+        a0 += lut_flat4[o]
+        a1 += lut_flat4[o + 1]
+        a2 += lut_flat4[o + 2]
+        a3 += lut_flat4[o + 3]
+    return a0, a1, a2, a3
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -196,29 +224,60 @@ def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
                 hi = heap_i[p, q]
                 for i in range(rows):
                     v = block[i, q]
-                    if _worse(hv[0], hi[0], v, s + i):
-                        _heap_replace_root(hv, hi, v, s + i)
+                    _offer(hv, hi, v, s + i)
+
+
+@nb.njit(cache=True, inline="always")
+def _offer(hv, hi, v, i):
+    """Offer (v, i) to the k-heap hv/hi: it enters when it ranks above the worst kept entry."""
+    if _worse(hv[0], hi[0], v, i):
+        _heap_replace_root(hv, hi, v, i)
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _topk_one_query(codes, lut_mk, doc_scale, heap_v, heap_i):
-    """codes (N, M) u8; lut_mk (M, K) f32 (higher = better); doc_scale (N,) f32, or empty for
+def _topk_one_query(codes, lut_flat, doc_scale, heap_v, heap_i):
+    """codes (N, M) u8; lut_flat (M * LUT_ROW,) f32 (`_flat_tables`) (higher = better); doc_scale (N,) f32, or empty for
     none; heap_v/heap_i (P, k)."""
     n = codes.shape[0]
     scaled = doc_scale.shape[0] > 0
     P = heap_v.shape[0]
     share = (n + P - 1) // P
     for p in nb.prange(P):
-        start = p * share
-        stop = min(n, start + share)
         hv = heap_v[p]
         hi = heap_i[p]
-        for i in range(start, stop):
-            acc = _score_one(codes, lut_mk, i)
+        stop = min(n, (p + 1) * share)
+        block = np.empty(DOCS_PER_BLOCK, np.float32)
+        for s in range(p * share, stop, DOCS_PER_BLOCK):
+            rows = min(stop, s + DOCS_PER_BLOCK) - s
+            for r in range(rows):
+                block[r] = _sum_one(codes, lut_flat, s + r)
+            for r in range(rows):
+                _offer(hv, hi, block[r] * doc_scale[s + r] if scaled else block[r], s + r)
+
+
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _topk_four_queries(codes, lut_flat4, doc_scale, heap_v, heap_i):
+    """codes (N, M) u8; lut_flat4 (M * LUT_ROW * 4,) f32, four queries' tables (`_flat_tables`,
+    higher = better); doc_scale (N,) f32, or empty for none; heap_v/heap_i (P, 4, k)."""
+    n = codes.shape[0]
+    scaled = doc_scale.shape[0] > 0
+    P = heap_v.shape[0]
+    share = (n + P - 1) // P
+    for p in nb.prange(P):
+        hv = heap_v[p]
+        hi = heap_i[p]
+        for i in range(p * share, min(n, (p + 1) * share)):
+            a0, a1, a2, a3 = _sum_four(codes, lut_flat4, i)
             if scaled:
-                acc *= doc_scale[i]
-            if _worse(hv[0], hi[0], acc, i):
-                _heap_replace_root(hv, hi, acc, i)
+                f = doc_scale[i]
+                a0 *= f
+                a1 *= f
+                a2 *= f
+                a3 *= f
+            _offer(hv[0], hi[0], a0, i)
+            _offer(hv[1], hi[1], a1, i)
+            _offer(hv[2], hi[2], a2, i)
+            _offer(hv[3], hi[3], a3, i)
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -239,19 +298,28 @@ def _scores_many_queries(codes, lut_mkq, out):
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _scores_one_query(codes, lut_mk, out):
-    """codes (N, M) u8; lut_mk (M, K) f32; out (N,) f32: one scan, parallel over documents. For
-    1-7 queries (FEW_QUERIES) `adc_scores` runs this per query: the multi-query kernel's rows are
-    then only 4-8 lanes wide, most of them padding at 1-3 queries (`python bench/few_queries.py`
-    -> bench/results/few_queries.md)."""
+def _scores_one_query(codes, lut_flat, out):
+    """codes (N, M) u8; lut_flat (M * LUT_ROW,) f32 (`_flat_tables`); out (N,) f32: one scan,
+    parallel over documents."""
     for i in nb.prange(codes.shape[0]):
-        out[i] = _score_one(codes, lut_mk, i)
+        out[i] = _sum_one(codes, lut_flat, i)
+
+
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _scores_four_queries(codes, lut_flat4, out):
+    """codes (N, M) u8; lut_flat4 (M * LUT_ROW * 4,) f32 (`_flat_tables`); out (4, N) f32."""
+    for i in nb.prange(codes.shape[0]):
+        a0, a1, a2, a3 = _sum_four(codes, lut_flat4, i)
+        out[0, i] = a0
+        out[1, i] = a1
+        out[2, i] = a2
+        out[3, i] = a3
 
 
 # No fastmath in the LUT: no reassociation, no fused multiply-add, so every entry is the same
 # IEEE sum (j = 0, 1, ... in order) wherever the helper is inlined: `ivf_search` builds each
 # query's table inside its scan and its scores stay bitwise those of `adc_topk` on `build_lut`
-# (its multi-query kernel; `_topk_one_query` reassociates its sum for speed: 1-7 queries).
+# (its multi-query kernel; the few-query scans reassociate their sums for speed: 1-12 queries).
 @nb.njit(cache=True, inline="always")
 def _lut_into(qrow, Ct, l2, out):
     """out (M, K) = the look-up table of one query qrow (M * ds,) for Ct (M, ds, K)."""
@@ -304,6 +372,27 @@ def _lane_tile(tile: np.ndarray) -> np.ndarray:
     return out
 
 
+def _flat_tables(tables: np.ndarray) -> np.ndarray:
+    """(w, M, K) tables of w queries -> (M * LUT_ROW * w,) flat, query fastest, each row padded
+    with zeros from K to LUT_ROW (never read: codes are < K): `_sum_one`'s (w = 1) and
+    `_sum_four`'s (w = 4) layout. No copy for one table with K = LUT_ROW."""
+    w, M, K = tables.shape
+    if w == 1 and K == LUT_ROW:
+        return np.ascontiguousarray(tables[0]).ravel()
+    out = np.zeros((M, LUT_ROW, w), np.float32)
+    out[:, :K, :] = tables.transpose(1, 2, 0)
+    return out.ravel()
+
+
+def _few_query_groups(nq: int) -> list[tuple[int, int]]:
+    """(first query, width) of the scans for a tile of nq <= FEW_QUERIES queries: four-query scans,
+    then one scan for each of the 1-3 left (a four-lane scan costs 4.4 ms per query against 4.7 for
+    a one-lane scan, on one thread at N = 200k, M = 96; padding 3 queries to 4 lanes would cost more
+    than 3 one-lane scans)."""
+    fours = nq // 4 * 4
+    return [(j, 4) for j in range(0, fours, 4)] + [(j, 1) for j in range(fours, nq)]
+
+
 def _merge_heaps(heap_v: np.ndarray, heap_i: np.ndarray, k: int):
     """(P, Q, k) per-thread heaps -> (Q, k) best-first, ties by smaller id."""
     P, Q, _ = heap_v.shape
@@ -336,8 +425,12 @@ def _adc_topk_cpu(lut: np.ndarray, codes: np.ndarray, k: int, metric: str, doc_s
         heap_i = np.full((P, q1 - q0, k), -1, np.int64)
         if N:
             if q1 - q0 <= FEW_QUERIES:
-                for j in range(q1 - q0):
-                    _topk_one_query(codes, np.ascontiguousarray(tile[j]), scale, heap_v[:, j], heap_i[:, j])
+                for j, width in _few_query_groups(q1 - q0):
+                    if width == 4:
+                        _topk_four_queries(codes, _flat_tables(tile[j:j + 4]), scale,
+                                           heap_v[:, j:j + 4], heap_i[:, j:j + 4])
+                    else:
+                        _topk_one_query(codes, _flat_tables(tile[j:j + 1]), scale, heap_v[:, j], heap_i[:, j])
             else:
                 _topk_many_queries(codes, _lane_tile(tile), scale, heap_v, heap_i)
         v, i = _merge_heaps(heap_v, heap_i, k)
@@ -356,8 +449,11 @@ def _adc_scores_cpu(lut: np.ndarray, codes: np.ndarray) -> np.ndarray:
     for q0 in range(0, nq, QUERIES_PER_TILE):
         q1 = min(nq, q0 + QUERIES_PER_TILE)
         if q1 - q0 <= FEW_QUERIES:
-            for j in range(q0, q1):
-                _scores_one_query(codes, np.ascontiguousarray(lut[j]), out[j])
+            for j, width in _few_query_groups(q1 - q0):
+                if width == 4:
+                    _scores_four_queries(codes, _flat_tables(lut[q0 + j:q0 + j + 4]), out[q0 + j:q0 + j + 4])
+                else:
+                    _scores_one_query(codes, _flat_tables(lut[q0 + j:q0 + j + 1]), out[q0 + j])
         else:
             _scores_many_queries(codes, _lane_tile(lut[q0:q1]), out[q0:q1])
     return out

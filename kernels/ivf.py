@@ -22,9 +22,9 @@ is built into a per-query (M, K) buffer that stays in cache, then the scan over 
 codes, the k-heap and a final heapsort, all in one kernel, with no (nq, M, K) table in memory and
 no per-list Python work). The table is `build_lut`'s CPU table (the same inlined `_lut_into`,
 fixed IEEE order) and the sum runs over m in order in float32 as `adc_topk`'s CPU path does for
-more than FEW_QUERIES (7) queries at a time, so the scores are then bitwise those of
-`adc_topk(build_lut(q, centroids), codes)`. For 1-7 queries (or a last tile of 1-7) `adc_topk`
-uses its one-query kernel, whose vectorised sum is reassociated: scores agree to float32
+more than FEW_QUERIES (12) queries at a time, so the scores are then bitwise those of
+`adc_topk(build_lut(q, centroids), codes)`. For 1-12 queries (or a last tile of 1-12) `adc_topk`
+uses its few-query scans, whose vectorised sums are reassociated: scores agree to float32
 rounding there, and ids but for near-ties. "triton"
 (ivf_triton.py: CUDA tensors, or the CPU interpreter in tests) lays each query's probed lists out
 as one padded row of candidates, scores them with adc_triton's gather kernel and ranks them with

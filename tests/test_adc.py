@@ -11,15 +11,17 @@ from tolerances import assert_close
 BACKENDS = backend_params()
 
 # (M, K, ds, N, nq, k): powers of two and awkward sizes, empty, k > N, one and many queries.
-# CPU branches: nq <= FEW_QUERIES (7) -> one scan per query (nq = 1, 2, 3, 7); larger nq -> the
-# multi-query kernel, its tile padded to a multiple of QUERY_LANES (10 -> 12) or not (64), and
-# nq > QUERIES_PER_TILE -> several query tiles (65: a last tile of 1 query; 75: of 11, padded).
+# CPU branches: nq <= FEW_QUERIES (12) -> four-query scans, then one scan per query left (nq = 1,
+# 2, 3, 7, 10; K < 256 pads the flat tables' rows); larger nq -> the multi-query kernel, its tile
+# padded to a multiple of QUERY_LANES (14 -> 16) or not (64), and nq > QUERIES_PER_TILE ->
+# several query tiles (65: a last tile of 1 query; 75: of 11, in fours and ones).
 SHAPES = [
     (1, 256, 4, 17, 1, 5),
     (2, 16, 3, 0, 3, 4),
     (3, 7, 5, 100, 1, 150),
     (8, 256, 2, 1000, 7, 10),
     (8, 16, 2, 500, 10, 10),
+    (12, 256, 3, 777, 14, 10),
     (16, 256, 1, 2049, 65, 20),
     (4, 256, 2, 300, 75, 7),
     (96, 256, 8, 3001, 2, 100),
@@ -91,6 +93,41 @@ def test_adc_topk_with_doc_scale_matches_reference(backend, M, K, ds, N, nq, k, 
     if N and nq:
         D0, I0 = adc_topk(lut_in, codes_in, k, backend=backend)  # without it: another ranking
         assert not np.array_equal(numpy_of(I0), numpy_of(I)) or N == 1
+
+
+@pytest.mark.parametrize("K", [256, 5])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "doc_scale"])
+def test_cpu_few_query_scans_match_reference_for_every_count(monkeypatch, K, scaled):
+    """Every query count up to FEW_QUERIES and one past it, through the few-query scans (fours,
+    then ones) and, for the same tables, through the multi-query kernel alone: both give the
+    reference's top-k (both metrics); a query's lane in a four-query scan does not change its result."""
+    from jpq.kernels import adc as adc_module
+
+    rng = np.random.default_rng(K + scaled)
+    M, N, k = 6, 1500, 9
+    C, codes, q = random_pq(rng, M, K, 3, N, adc_module.FEW_QUERIES + 1)
+    doc_scale = np.exp(rng.uniform(-1, 1, N)).astype(np.float32) if scaled else None
+    for metric in (["ip"] if scaled else ["ip", "l2"]):
+        lut_all = build_lut_reference(q, C, metric)
+        for nq in range(1, adc_module.FEW_QUERIES + 2):
+            lut = lut_all[:nq]
+            scores_ref = adc_scores_reference(lut, codes)
+            if scaled:
+                scores_ref = (scores_ref.astype(np.float64) * doc_scale).astype(np.float32)
+            D_ref, I_ref = topk_from_scores(scores_ref, k, metric)
+            atol = 4e-6 * M * 3 * np.abs(lut).max()
+            D, I = adc_topk(lut, codes, k, metric=metric, backend="cpu", doc_scale=doc_scale)
+            assert_topk_matches(D, I, D_ref, I_ref, scores_ref, atol=atol, metric=metric)
+            with monkeypatch.context() as patch:
+                patch.setattr(adc_module, "FEW_QUERIES", 0)
+                D_many, I_many = adc_topk(lut, codes, k, metric=metric, backend="cpu", doc_scale=doc_scale)
+            assert_topk_matches(D_many, I_many, D_ref, I_ref, scores_ref, atol=atol, metric=metric)
+            np.testing.assert_allclose(adc_scores(lut, codes, backend="cpu"), adc_scores_reference(lut, codes),
+                                       rtol=1e-5, atol=atol)
+            if nq % 4 == 0:  # reversed, every query stays in a four-query scan, in another lane
+                D_rev, I_rev = adc_topk(lut[::-1].copy(), codes, k, metric=metric, backend="cpu", doc_scale=doc_scale)
+                np.testing.assert_array_equal(I_rev[::-1], I)
+                np.testing.assert_array_equal(D_rev[::-1], D)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

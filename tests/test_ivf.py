@@ -1,8 +1,8 @@
 """Inverted-list ADC search (jpq.kernels.ivf.ivf_search): the CPU and Triton paths (the latter
 under TRITON_INTERPRET=1) against the NumPy reference, on random lists with empty ones, -1 probes,
 k larger than what is scanned, ties, both metrics, query chunks; the CPU path bitwise equal to
-adc_topk(build_lut(...)) when every list is probed (for more than 4 queries at a time; to float32
-rounding for 1-4, where adc_topk's one-query kernel reassociates its sum)."""
+adc_topk(build_lut(...)) when every list is probed (for more than FEW_QUERIES queries at a time; to
+float32 rounding for fewer, where adc_topk's few-query scans reassociate their sums)."""
 import numpy as np
 import pytest
 import torch
@@ -89,10 +89,14 @@ def test_ties_go_to_the_smaller_id(metric):
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_all_lists_probed_equals_adc_topk_bitwise(metric):
+    from jpq.kernels.adc import FEW_QUERIES
+
+    nq = 20
+    assert nq > FEW_QUERIES  # adc_topk's multi-query kernel: the sum in order, as ivf_search's
     rng = np.random.default_rng(3)
-    q, C, codes = problem(rng, 12, 64, 4, 700, 9)
+    q, C, codes = problem(rng, 12, 64, 4, 700, nq)
     offsets, ids, _ = lists(rng, 700, 8)
-    probes = np.tile(np.arange(8), (9, 1))
+    probes = np.tile(np.arange(8), (nq, 1))
     D, I = ivf_search(q, C, codes[ids], offsets, ids, probes, 15, metric)
     D_ref, I_ref = adc_topk(build_lut(q, C, metric), codes, 15, metric=metric, backend="cpu")
     np.testing.assert_array_equal(I, I_ref)
@@ -103,10 +107,10 @@ def test_all_lists_probed_equals_adc_topk_bitwise(metric):
     assert isinstance(Dt, torch.Tensor) and isinstance(It, torch.Tensor) and It.dtype == torch.int64
     np.testing.assert_array_equal(It.numpy(), I_ref)
     np.testing.assert_array_equal(Dt.numpy(), D_ref)
-    # one query: adc_topk's one-query kernel reassociates its sum -> same ids, scores to rounding
-    for i in range(3):
-        D1, I1 = ivf_search(q[i : i + 1], C, codes[ids], offsets, ids, probes[:1], 15, metric)
-        D1_ref, I1_ref = adc_topk(build_lut(q[i : i + 1], C, metric), codes, 15, metric=metric, backend="cpu")
+    # 1 and 5 queries: adc_topk's few-query scans reassociate their sums -> same ids, scores to rounding
+    for i, n in ((0, 1), (1, 1), (3, 5)):
+        D1, I1 = ivf_search(q[i : i + n], C, codes[ids], offsets, ids, probes[:n], 15, metric)
+        D1_ref, I1_ref = adc_topk(build_lut(q[i : i + n], C, metric), codes, 15, metric=metric, backend="cpu")
         np.testing.assert_array_equal(I1, I1_ref)
         np.testing.assert_allclose(D1, D1_ref, rtol=1e-5, atol=1e-5 * np.abs(D1_ref).max())
 

@@ -125,7 +125,7 @@ def test_full_beam_equals_exhaustive_pq_search(small_tree):
 
 
 def test_single_query_equals_exhaustive_pq_search(small_tree):
-    """PQIndex takes its one-query kernel for 1-7 queries (a reassociated sum): same ids, scores
+    """PQIndex takes its few-query scans for 1-12 queries (reassociated sums): same ids, scores
     to float32 rounding."""
     index, x, q = small_tree
     for i in range(3):
