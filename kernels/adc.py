@@ -206,10 +206,8 @@ def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
     W = lut_mkq.shape[2]
     Q = heap_v.shape[1]
     P = heap_v.shape[0]
-    share = (n + P - 1) // P
     for p in nb.prange(P):
-        start = p * share
-        stop = min(n, start + share)
+        start, stop = _partition(n, P, p)
         block = np.empty((DOCS_PER_BLOCK, W), np.float32)
         for s in range(start, stop, DOCS_PER_BLOCK):
             rows = min(stop, s + DOCS_PER_BLOCK) - s
@@ -228,6 +226,13 @@ def _topk_many_queries(codes, lut_mkq, doc_scale, heap_v, heap_i):
 
 
 @nb.njit(cache=True, inline="always")
+def _partition(n, P, p):
+    """Documents [start, stop) of thread share p of P (each top-k kernel's per-thread heaps)."""
+    share = (n + P - 1) // P
+    return min(n, p * share), min(n, (p + 1) * share)
+
+
+@nb.njit(cache=True, inline="always")
 def _offer(hv, hi, v, i):
     """Offer (v, i) to the k-heap hv/hi: it enters when it ranks above the worst kept entry."""
     if _worse(hv[0], hi[0], v, i):
@@ -236,18 +241,17 @@ def _offer(hv, hi, v, i):
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _topk_one_query(codes, lut_flat, doc_scale, heap_v, heap_i):
-    """codes (N, M) u8; lut_flat (M * LUT_ROW,) f32 (`_flat_tables`) (higher = better); doc_scale (N,) f32, or empty for
-    none; heap_v/heap_i (P, k)."""
+    """codes (N, M) u8; lut_flat (M * LUT_ROW,) f32 (`_flat_tables`, higher = better);
+    doc_scale (N,) f32, or empty for none; heap_v/heap_i (P, k)."""
     n = codes.shape[0]
     scaled = doc_scale.shape[0] > 0
     P = heap_v.shape[0]
-    share = (n + P - 1) // P
     for p in nb.prange(P):
         hv = heap_v[p]
         hi = heap_i[p]
-        stop = min(n, (p + 1) * share)
+        start, stop = _partition(n, P, p)
         block = np.empty(DOCS_PER_BLOCK, np.float32)
-        for s in range(p * share, stop, DOCS_PER_BLOCK):
+        for s in range(start, stop, DOCS_PER_BLOCK):
             rows = min(stop, s + DOCS_PER_BLOCK) - s
             for r in range(rows):
                 block[r] = _sum_one(codes, lut_flat, s + r)
@@ -262,11 +266,11 @@ def _topk_four_queries(codes, lut_flat4, doc_scale, heap_v, heap_i):
     n = codes.shape[0]
     scaled = doc_scale.shape[0] > 0
     P = heap_v.shape[0]
-    share = (n + P - 1) // P
     for p in nb.prange(P):
         hv = heap_v[p]
         hi = heap_i[p]
-        for i in range(p * share, min(n, (p + 1) * share)):
+        start, stop = _partition(n, P, p)
+        for i in range(start, stop):
             a0, a1, a2, a3 = _sum_four(codes, lut_flat4, i)
             if scaled:
                 f = doc_scale[i]
