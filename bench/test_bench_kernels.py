@@ -29,7 +29,7 @@ def problem():
     return C, codes, index, x
 
 
-@pytest.mark.parametrize("nq", [1, 64])
+@pytest.mark.parametrize("nq", [1, 4, 8, 64])  # 4 and 8: the four-query scans
 def test_bench_adc_topk_jpq(benchmark, problem, nq):
     C, codes, _, _ = problem
     benchmark.group = f"search nq={nq}"
@@ -38,7 +38,7 @@ def test_bench_adc_topk_jpq(benchmark, problem, nq):
     assert I.shape == (nq, 10)
 
 
-@pytest.mark.parametrize("nq", [1, 64])
+@pytest.mark.parametrize("nq", [1, 4, 8, 64])  # 4 and 8: the four-query scans
 def test_bench_adc_topk_faiss(benchmark, problem, nq):
     _, _, index, _ = problem
     benchmark.group = f"search nq={nq}"

@@ -379,10 +379,10 @@ def _lane_tile(tile: np.ndarray) -> np.ndarray:
 def _flat_tables(tables: np.ndarray) -> np.ndarray:
     """(w, M, K) tables of w queries -> (M * LUT_ROW * w,) flat, query fastest, each row padded
     with zeros from K to LUT_ROW (never read: codes are < K): `_sum_one`'s (w = 1) and
-    `_sum_four`'s (w = 4) layout. No copy for one table with K = LUT_ROW."""
+    `_sum_four`'s (w = 4) layout. No copy for one contiguous table with K = LUT_ROW."""
     w, M, K = tables.shape
-    if w == 1 and K == LUT_ROW:
-        return np.ascontiguousarray(tables[0]).ravel()
+    if K == LUT_ROW:
+        return np.ascontiguousarray(tables.transpose(1, 2, 0)).ravel()
     out = np.zeros((M, LUT_ROW, w), np.float32)
     out[:, :K, :] = tables.transpose(1, 2, 0)
     return out.ravel()
