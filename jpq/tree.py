@@ -34,8 +34,8 @@ Leaves store their documents as PQ codes (a `PQIndex` inside, raw vectors, not r
 scores the codes of each query's reached leaves with the inverted-list ADC kernel
 (`jpq.kernels.ivf.ivf_search`, over a leaf-ordered copy of the codes) and keeps an exact top-k per
 query (ties by smaller id), so a beam covering every leaf returns what `PQIndex.search` returns on
-the same codes: bitwise for more than 4 queries at a time; for 1-4, where `PQIndex.search` sums
-in a vectorised order, scores to float32 rounding and ids but for near-ties.
+the same codes: bitwise for more than FEW_QUERIES (12) queries at a time; for 1-12, where `PQIndex.search`
+sums in a vectorised order, scores to float32 rounding and ids but for near-ties.
 
 Training (`TreeTrainer`). The query tower is any torch module; the default is a residual linear
 adapter on the frozen encoder's query vectors (`ResidualLinear`: q' = q + W q, W = 0 at start),
@@ -602,7 +602,7 @@ class TreeIndex(VectorIndexInput):
         best first, ties by smaller id, -1 ids (and -FLT_MAX / +FLT_MAX scores) when fewer than k
         documents were scored; torch in, torch out. A beam covering every leaf scores every
         document and returns `PQIndex.search`'s results on the same codes (on the CPU path:
-        bitwise for more than 4 queries at a time, else to float32 rounding; module docstring).
+        bitwise for more than 12 queries at a time, else to float32 rounding; module docstring).
 
         Where it runs: the routing (beam search over the tree, a few small GEMMs) always on the
         CPU. The scan: for torch queries on a CUDA device (backend "auto" with Triton installed,

@@ -81,7 +81,7 @@ def _push(hv, hi, acc, i, l2):
 
 # no fastmath: reassociation would let LLVM split the sum over m, and the scores would no longer
 # be bitwise those of adc_topk's multi-query CPU kernel (a full-beam tree search equals
-# PQIndex.search bitwise for more than 4 queries at a time; see the module docstring)
+# PQIndex.search bitwise for more than FEW_QUERIES (12) queries at a time; module docstring)
 @nb.njit(parallel=True, cache=True)
 def _ivf_search_cpu(q, Ct, l2, list_codes, offsets, ids, probes, heap_v, heap_i):
     """q (nq, D), Ct (M, ds, K) f32; heaps (nq, k) filled in place, best first on return (for l2
