@@ -38,6 +38,32 @@ FORMAT_MAGIC = b"JPQINDEX"
 FORMAT_VERSION = 1
 
 
+# Below this many multiply-adds NumPy's OpenBLAS computes a product on the calling thread (its
+# small-matrix path) and `matmul_t` keeps NumPy, whose call costs less than torch's here.
+SMALL_MATMUL = 1 << 20
+
+
+def matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T for float32 NumPy arrays: (n, d) x (e, d) -> (n, e) C-contiguous; by torch unless
+    the product is small (n * d * e < SMALL_MATMUL).
+
+    Why not NumPy throughout: above its small-matrix size, the bundled OpenBLAS keeps its own
+    threads spinning for a while after each call, and they take the cores from the numba scan
+    that follows (numba and torch share one OpenMP pool). On the 2-core dev CPU
+    (`python bench/blas_contention.py` -> bench/results/blas_contention.md), an OPQ
+    `PQIndex.search` (SciFact, M = 48, k = 100) with the rotation by NumPy took 21.0 / 8.1 /
+    55.3 ms at 8 / 32 / 300 queries, by torch 1.3 / 2.9 / 25.4 ms (plain PQ, no rotation: 1.0 /
+    2.5 / 23.5 ms); TreeIndex.search of 300 queries at beam 3 / 12, 46.8 / 50.3 ms with the
+    leaf-centroid scores by NumPy, 6.7 / 10.9 ms by torch. Same search results either way; at
+    1-4 queries (a product below SMALL_MATMUL) torch was up to 0.2 ms slower, so NumPy there."""
+    n, d = x.shape
+    if n * d * w.shape[0] < SMALL_MATMUL:
+        return np.ascontiguousarray(x @ w.T, dtype=np.float32)
+    x = np.require(x, np.float32, ["C", "W"])  # torch.from_numpy wants a writable array
+    w = np.require(w, np.float32, ["C", "W"])
+    return torch.from_numpy(x).matmul(torch.from_numpy(w).T).numpy()
+
+
 # --------------------------------------------------------------------------- k-means
 def train_pq_centroids(x: np.ndarray, M: int, K: int, niter: int = 25, seed: int = 1234,
                        init: np.ndarray | None = None) -> np.ndarray:
@@ -92,17 +118,17 @@ def train_opq(x: np.ndarray, M: int, K: int, iterations: int = 20, pq_iterations
     rng = np.random.default_rng(seed)
     R, _ = np.linalg.qr(rng.standard_normal((d, d)))  # random orthogonal start, as faiss
     R = R.astype(np.float32)
-    C = train_pq_centroids(x @ R.T, M, K, niter=pq_init_iterations, seed=seed)
+    C = train_pq_centroids(matmul_t(x, R), M, K, niter=pq_init_iterations, seed=seed)
     x64 = x.astype(np.float64)
     for _ in range(iterations):
-        y = np.ascontiguousarray(x @ R.T)
+        y = matmul_t(x, R)
         C = train_pq_centroids(y, M, K, niter=pq_iterations, seed=seed, init=C)
         codes = assign(y, C)
         y_hat = C[np.arange(M)[None, :], codes].reshape(n, d).astype(np.float64)
         # min over orthogonal W of ||x W - y_hat||: W = U V^T from svd(x^T y_hat); R = W^T
         U, _, Vt = np.linalg.svd(x64.T @ y_hat)
         R = (U @ Vt).T.astype(np.float32)
-    y = np.ascontiguousarray(x @ R.T)
+    y = matmul_t(x, R)
     C = train_pq_centroids(y, M, K, niter=pq_iterations, seed=seed, init=C)
     return R, C
 
@@ -260,7 +286,7 @@ class PQIndex(VectorIndexInput):
     # ------------------------------------------------------------------ helpers
     def rotate(self, x: np.ndarray) -> np.ndarray:
         """Apply the OPQ rotation (identity without OPQ). x: (n, d) float32."""
-        return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
+        return x if self.rotation is None else matmul_t(x, self.rotation)
 
     # ------------------------------------------------------------------ faiss-like API
     def train(self, x, niter: int = 25, seed: int = 1234, max_train_points: int | None = 65536,
@@ -308,7 +334,7 @@ class PQIndex(VectorIndexInput):
         x = self.centroids[np.arange(self.M)[None, :], codes].reshape(len(codes), self.d)
         if self.unit_norm:
             x = x * unit_scale(self.reconstruction_norms(codes))[:, None]
-        return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation)
+        return x if self.rotation is None else matmul_t(x, self.rotation.T)
 
     def reconstruction_norms(self, codes=None) -> np.ndarray:
         """(n,) float32 norms ||x_hat|| of the plain reconstructions of `codes` (default: the

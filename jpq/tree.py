@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .index import PQIndex, VectorIndexInput, searches_on_device, train_pq_centroids
+from .index import PQIndex, VectorIndexInput, matmul_t, searches_on_device, train_pq_centroids
 from .kernels import assign
 from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
@@ -429,7 +429,7 @@ class TreeIndex(VectorIndexInput):
 
     def transform_queries(self, q: np.ndarray) -> np.ndarray:
         """q (n, d) -> the query tower's output for the stored linear tower (identity if none)."""
-        return q if self.query_matrix is None else np.ascontiguousarray(q @ self.query_matrix.T)
+        return q if self.query_matrix is None else matmul_t(q, self.query_matrix)
 
     # ------------------------------------------------------------------ build
     def train(self, x, niter: int = 20, seed: int = 0, pq_niter: int = 25, max_train_points: int | None = 65536):
@@ -552,7 +552,9 @@ class TreeIndex(VectorIndexInput):
         for r0 in range(0, nq, step):
             r1 = min(nq, r0 + step)
             qs = q[r0:r1]
-            s = qs @ cent.T if self.metric == "ip" else 2 * (qs @ cent.T) - (cent * cent).sum(1)
+            s = matmul_t(qs, cent)  # not NumPy's GEMM: its idle threads slow the scan after it
+            if self.metric != "ip":
+                s = 2 * s - (cent * cent).sum(1)
             s[:, empty] = -np.inf
             rows = np.arange(r1 - r0)[:, None]
             rank = np.empty(s.shape, np.float64)

@@ -644,3 +644,37 @@ def test_unit_norm_scales_follow_new_codes_and_edited_centroids(data):
     np.testing.assert_array_equal(index.search(q, 10)[1], expected()[1])
     index.centroids = index.centroids[::-1].copy()  # replaced
     np.testing.assert_array_equal(index.search(q, 10)[1], expected()[1])
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])  # NumPy below SMALL_MATMUL (7 x 384 x 384 < 2**20), torch above
+def test_matmul_t_equals_numpy_product(n):
+    """`matmul_t` (the rotation and tree products; torch above SMALL_MATMUL so that NumPy's BLAS
+    threads do not spin beside the numba scans) computes x @ w.T, for read-only and strided
+    inputs too, without touching them, and returns a C-contiguous float32 array."""
+    from jpq.index import SMALL_MATMUL, matmul_t
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 2 * 384)).astype(np.float32)[:, ::2]  # strided
+    w = rng.standard_normal((384, 384)).astype(np.float32)
+    w.flags.writeable = False
+    x_before, w_before = x.copy(), w.copy()
+    out = matmul_t(x, w)
+    assert out.shape == (n, 384) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(w, w_before)
+    assert (n * 384 * 384 < SMALL_MATMUL) == (n < 8)
+
+
+@pytest.mark.parametrize("nq", [3, 1100])  # the rotation by NumPy (3 x 32 x 32), by torch (1100 x 32 x 32 >= 2**20)
+def test_opq_search_is_search_of_the_rotated_queries(data, nq):
+    """An OPQ index searches q @ R.T in its plain PQ (`matmul_t`: NumPy or torch by size)."""
+    xb, xq = data
+    xq = xq[np.arange(nq) % len(xq)] + np.float32(0.01) * np.arange(nq, dtype=np.float32)[:, None]
+    index = trained(xb, opq=True)
+    D, I = index.search(xq, 10)
+    rotated = (xq.astype(np.float64) @ index.rotation.T.astype(np.float64)).astype(np.float32)
+    lut = build_lut_reference(rotated, index.centroids, "ip")
+    scores = adc_scores_reference(lut, index.codes)
+    D_ref, I_ref = topk_from_scores(scores, 10, "ip")
+    assert_topk_matches(D, I, D_ref, I_ref, scores, atol=1e-4)
