@@ -44,7 +44,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from .adc import _heap_replace_root, _lut_into, _worse, build_lut_reference, centroids_by_dim
+from .adc import _heap_replace_root, _lut_into, _offer, build_lut_reference, centroids_by_dim
 from .arrays import FLOAT_MAX, array_kind, check_codes, check_k, check_metric, to_numpy_codes, to_numpy_f32
 from .assign import check_centroids, check_vectors_for
 from .dispatch import resolve_backend
@@ -74,9 +74,7 @@ def ivf_search_reference(q, centroids, list_codes, list_offsets, list_ids, probe
 @nb.njit(cache=True, inline="always")
 def _push(hv, hi, acc, i, l2):
     """Offer document i with summed table entries acc to the k-heap (for l2, negated: exact)."""
-    v = -acc if l2 else acc
-    if _worse(hv[0], hi[0], v, i):
-        _heap_replace_root(hv, hi, v, i)
+    _offer(hv, hi, -acc if l2 else acc, i)
 
 
 # no fastmath: reassociation would let LLVM split the sum over m, and the scores would no longer
