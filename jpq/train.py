@@ -113,6 +113,9 @@ class TrainConfig:
     # guard's reference stays the index as given.
     unseen_guard: bool = True
     guard_min_queries: int = 10
+    # how many standard errors of that per-query change an eligible epoch may lose (0: no measured
+    # loss at all)
+    guard_tolerance: float = 1.0
     # Query-aware initial codebooks (`jpq.index.query_aware_codebooks`): before training, the
     # given index's codebooks and codes are refit to minimise the inner-product error that the
     # training queries' zero-shot embeddings see (their second moment, shrunk towards the identity
@@ -189,6 +192,8 @@ class TrainConfig:
         if not (math.isfinite(self.pseudo_query_weight) and self.pseudo_query_weight >= 0):
             raise ValueError(f"pseudo_query_weight must be a finite number >= 0, got {self.pseudo_query_weight}")
         check_device(self.device)
+        if not (math.isfinite(self.guard_tolerance) and self.guard_tolerance >= 0):
+            raise ValueError(f"guard_tolerance must be a finite number >= 0 (standard errors), got {self.guard_tolerance}")
         if self.query_aware_init and self.anisotropic_eta != 1.0:
             raise ValueError("query_aware_init and anisotropic_eta != 1 are two initialisations; pick one "
                              "(anisotropic_eta=1 turns the anisotropic one off)")
@@ -659,7 +664,7 @@ class JPQTrainer(Checkpointing):
         se = float(diff.std(ddof=1) / math.sqrt(len(diff)))
         rec["val_unseen"] = float(np.mean(rec["val_unseen"]))  # epoch 0 keeps its per-query list
         rec["unseen_change"], rec["unseen_se"] = float(diff.mean()), se
-        rec["eligible"] = bool(diff.mean() >= -se)
+        rec["eligible"] = bool(diff.mean() >= -self.cfg.guard_tolerance * se)
         return rec
 
     # ------------------------------------------------------------------ one step

@@ -265,6 +265,28 @@ def test_unseen_guard_blocks_epochs_that_lose_on_unseen_held_out_queries():
     assert not free.guarded and "val_unseen" not in free._initial_record()
 
 
+@pytest.mark.parametrize("tolerance, eligible", [(0.0, [True, False, False]), (1.0, [True, True, False]),
+                                                 (3.0, [True, True, True])])
+def test_unseen_guard_tolerance_counts_standard_errors_of_the_change(tolerance, eligible):
+    trainer = make_trainer("centroids", epochs=2, guard_tolerance=tolerance)
+    rec0 = trainer._initial_record()
+    trainer.state.history.append(rec0)
+    base = np.asarray(rec0["val_unseen"])
+    noise = np.random.default_rng(1).normal(0, 0.05, len(base))
+    noise -= noise.mean()
+    se = float(noise.std(ddof=1) / np.sqrt(len(base)))
+    # mean changes of +0.5, -0.5 and -2 standard errors (same spread)
+    got = [trainer._guard({"epoch": 1, "val": 0.9, "val_unseen": list(base + noise + shift * se)})["eligible"]
+           for shift in (0.5, -0.5, -2.0)]
+    assert got == eligible
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_guard_tolerance_must_be_a_finite_non_negative_number(bad):
+    with pytest.raises(ValueError, match="guard_tolerance"):
+        TrainConfig(guard_tolerance=bad)
+
+
 def test_corpus_reconstruction_term_holds_unqueried_documents_in_place():
     """Centroids trained toward the training positives move every document sharing their codes;
     the corpus term keeps the reconstruction of the documents no query points to close to the
