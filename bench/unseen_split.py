@@ -16,37 +16,29 @@ source folder apply unchanged).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-
-def read_qrels(path: Path) -> list[tuple[str, str, str]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline()
-        if not header.lower().startswith("query-id"):
-            raise ValueError(f"{path}: expected a 'query-id<TAB>corpus-id<TAB>score' header, got {header!r}")
-        for line in f:
-            cols = line.rstrip("\r\n").split("\t")
-            if len(cols) == 3:
-                rows.append((cols[0], cols[1], cols[2]))
-    return rows
+from jpq.data import load_beir
+from jpq.storage import atomic_write
 
 
-def write_qrels(path: Path, rows) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in rows),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+def write_qrels(path: Path, qrels: dict[str, dict[str, int]]) -> None:
+    """A BEIR qrels TSV, written atomically."""
+    text = "query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{score}\n" for q, rel in qrels.items() for d, score in rel.items())
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def derive(data: Path, out: Path, test_split: str = "test", train_split: str = "train") -> dict:
-    train = read_qrels(data / "qrels" / f"{train_split}.tsv")
-    test = read_qrels(data / "qrels" / f"{test_split}.tsv")
-    test_positives = {d for _, d, s in test if int(s) > 0}
-    dropped = {q for q, d, s in train if int(s) > 0 and d in test_positives}
-    kept = [r for r in train if r[0] not in dropped]
+    """Write the derived folder to `out` (qrels read and checked by `jpq.data.load_beir`); returns
+    the query counts."""
+    qrels = load_beir(data, splits=[train_split, test_split]).qrels
+    train, test = qrels[train_split], qrels[test_split]
+    test_positives = {d for rel in test.values() for d, score in rel.items() if score > 0}
+    kept = {q: rel for q, rel in train.items()
+            if not any(score > 0 and d in test_positives for d, score in rel.items())}
     if not kept:
         raise ValueError(f"every {train_split} query shares a positive with {test_split}: nothing to train on")
     (out / "qrels").mkdir(parents=True, exist_ok=True)
@@ -57,8 +49,8 @@ def derive(data: Path, out: Path, test_split: str = "test", train_split: str = "
         link.symlink_to((data / name).resolve())
     write_qrels(out / "qrels" / f"{train_split}.tsv", kept)
     write_qrels(out / "qrels" / f"{test_split}.tsv", test)
-    return {"train_queries": len({q for q, _, _ in train}), "kept_train_queries": len({q for q, _, _ in kept}),
-            "dropped_train_queries": len(dropped), "test_queries": len({q for q, _, _ in test})}
+    return {"train_queries": len(train), "kept_train_queries": len(kept),
+            "dropped_train_queries": len(train) - len(kept), "test_queries": len(test)}
 
 
 def main(argv=None) -> int:
