@@ -36,19 +36,21 @@ CHOICES = {16: (1e-3, 0.0), 32: (1e-3, 0.0), 64: (1e-3, 1.0), 96: (1e-3, 1.0)}
 
 def simulate(history: list[dict], tolerance: float, patience: int = 3) -> int:
     """The epoch the trainer's loop selects on this curve under `tolerance`: the same bookkeeping
-    as `Checkpointing._close_epoch` and the same stopping rule as `stops_early`."""
-    improved_e = best_e = 0
-    improved_v = best_v = history[0]["val"]
+    as `Checkpointing._close_epoch`, with `stops_early` and `guard_allows` deciding."""
+    from jpq.train import TrainState, guard_allows, stops_early
+
+    state = TrainState(best_score=history[0]["val"], improved_score=history[0]["val"])
     for e in range(1, len(history)):
-        if (e - 1) - improved_e >= patience and not (best_e == 0 and improved_e > 0):
+        state.epoch = e - 1
+        if stops_early(state, patience):
             break
         rec = history[e]
-        if rec["val"] > improved_v:
-            improved_v, improved_e = rec["val"], e
-        eligible = "unseen_change" not in rec or rec["unseen_change"] >= -tolerance * rec["unseen_se"]
-        if eligible and rec["val"] > best_v:
-            best_v, best_e = rec["val"], e
-    return best_e
+        if rec["val"] > state.improved_score:
+            state.improved_score, state.improved_epoch = rec["val"], e
+        eligible = "unseen_change" not in rec or guard_allows(rec["unseen_change"], rec["unseen_se"], tolerance)
+        if eligible and rec["val"] > state.best_score:
+            state.best_score, state.best_epoch = rec["val"], e
+    return state.best_epoch
 
 
 def main(argv=None):
@@ -76,6 +78,8 @@ def main(argv=None):
     inner_docs = {d for q in inner for d in qrels[q]}
     outer_unseen = [q for q in outer if not any(d in inner_docs for d in qrels[q])]
     pseudo = ws.pseudo_query_emb(progress=False)
+    choices = {r: (args.lr if args.lr is not None else lr, args.weight if args.weight is not None else w)
+               for r, (lr, w) in CHOICES.items()}
     t_all = time.perf_counter()
     for ratio in [int(r) for r in args.ratios.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -89,9 +93,7 @@ def main(argv=None):
                                   query_embeddings=rows, progress=False, encoder=copy.deepcopy(ws.encoder),
                                   pseudo_queries=pseudo)
 
-            lr, weight = CHOICES[ratio]
-            lr, weight = args.lr if args.lr is not None else lr, args.weight if args.weight is not None else weight
-            CHOICES[ratio] = (lr, weight)  # as run, for the report
+            lr, weight = choices[ratio]
             cfg = TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=weight, val_fraction=0.25,
                               seed=seed, patience=20, epochs=20)
             t0 = time.perf_counter()
@@ -116,7 +118,7 @@ def main(argv=None):
     lines = [f"# Unseen-guard tolerance, nested hold-out on {ws.dataset.name}'s train split", "",
              f"{len(inner)} inner queries (a quarter held out for selection), {len(outer)} outer queries, "
              f"{len(outer_unseen)} of them with positives no inner query points to (\"unseen\"). JPQ full "
-             "(centroid rate, pseudo-query weight: " + ", ".join(f"{k}x {v[0]:g}, {v[1]:g}" for k, v in CHOICES.items())
+             "(centroid rate, pseudo-query weight: " + ", ".join(f"{k}x {v[0]:g}, {v[1]:g}" for k, v in choices.items())
              + "); nDCG@10 on the outer queries after refitting the selected epoch count on all inner "
              "queries; epoch 0 is the post-hoc OPQ index with the zero-shot tower. The test split is not read.", "",
              f"| run | post-hoc: outer, unseen | {head} |", "|---|---|" + "---|" * len(TOLERANCES)]

@@ -372,6 +372,12 @@ class TrainState:
     improved_score: float = -math.inf
 
 
+def guard_allows(unseen_change: float, unseen_se: float, tolerance: float) -> bool:
+    """The unseen guard's rule: an epoch is eligible unless its unseen held-out queries lost, on
+    average, more than `tolerance` standard errors of their per-query change (TrainConfig)."""
+    return bool(unseen_change >= -tolerance * unseen_se)
+
+
 def stops_early(state: TrainState, patience: int) -> bool:
     """Early stopping: no held-out gain (eligible or not) for `patience` epochs, unless every gain
     so far was blocked by the unseen guard (the best eligible epoch is still 0 while the held-out
@@ -664,7 +670,7 @@ class JPQTrainer(Checkpointing):
         se = float(diff.std(ddof=1) / math.sqrt(len(diff)))
         rec["val_unseen"] = float(np.mean(rec["val_unseen"]))  # epoch 0 keeps its per-query list
         rec["unseen_change"], rec["unseen_se"] = float(diff.mean()), se
-        rec["eligible"] = bool(diff.mean() >= -self.cfg.guard_tolerance * se)
+        rec["eligible"] = guard_allows(rec["unseen_change"], se, self.cfg.guard_tolerance)
         return rec
 
     # ------------------------------------------------------------------ one step
