@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 
+from .metrics import mean_over_queries, paired_bootstrap
 from .storage import atomic_write_json
 from .pipeline import (EVAL_METRICS, build_index, evaluate_vectors, m_for_ratio, refit_run, selection_summary,
                        train_run)
@@ -25,6 +26,8 @@ from .train import TrainConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("uncompressed", "uncompressed-trained", "pq", "opq", "jpq-centroids", "jpq")
+# what JPQ full is compared with, query by query (paired bootstrap), in results.md and results.json
+COMPARED_WITH = ("opq", "jpq-centroids", "uncompressed-trained")
 DEFAULT_RATIOS = (16, 32, 64, 96)
 # Centroid learning rates tried by the (cheap, frozen-encoder) centroids-only runs; the one with
 # the best held-out validation score is used for JPQ full too. JPQ's own rates (1e-4 or lower)
@@ -42,9 +45,34 @@ DEFAULT_PSEUDO_QUERY_WEIGHTS = (0.0, 1.0)
 DEMO_CHOSEN_FIELDS = ("lr_centroids", "pseudo_query_weight")
 
 
-def _record(method, ratio, M, metrics, seconds, **extra):
-    return {"method": method, "ratio": ratio, "M": M, **{k: round(float(v), 6) for k, v in metrics.items()},
+def _record(method, ratio, M, per_q, seconds, **extra):
+    """A results.json record from per-query test metrics ({metric: {query id: value}})."""
+    means = mean_over_queries(per_q)
+    return {"method": method, "ratio": ratio, "M": M, **{k: round(float(v), 6) for k, v in means.items()},
             "train_seconds": round(float(seconds), 2), **extra}
+
+
+def _key(method, ratio) -> str:
+    return f"{method}@{ratio}"
+
+
+def paired_comparisons(records: list[dict], per_q: dict, resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """JPQ minus each of `COMPARED_WITH` at each ratio, paired over the test queries: per metric the
+    mean difference and its 95% bootstrap interval (`jpq.metrics.paired_bootstrap`). per_q maps
+    "method@ratio" to per-query metrics; a pair missing from it (a row from a jpq that kept no
+    per-query values) is left out."""
+    out = []
+    for r in sorted((r for r in records if r["method"] == "jpq"), key=lambda r: r["ratio"]):
+        ours = per_q.get(_key("jpq", r["ratio"]))
+        for base in COMPARED_WITH:
+            ratio = 1 if base == "uncompressed-trained" else r["ratio"]
+            theirs = per_q.get(_key(base, ratio))
+            if ours is None or theirs is None:
+                continue
+            for metric in EVAL_METRICS:
+                out.append({"ratio": r["ratio"], "versus": base, "metric": metric,
+                            **paired_bootstrap(ours[metric], theirs[metric], resamples, seed)})
+    return out
 
 
 def _settings(ws, config: TrainConfig, centroid_lrs, pseudo_query_weights) -> dict:
@@ -119,27 +147,32 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig(seed=seed)
     _check_settings(out_dir, _settings(ws, config, centroid_lrs, pseudo_query_weights))
-    partial_path = out_dir / "partial.json"
+    partial_path, per_query_path = out_dir / "partial.json", out_dir / "per_query.json"
     done = {(r["method"], r["ratio"]): r for r in json.loads(partial_path.read_text())} if partial_path.exists() else {}
+    # per-query test metrics of every row, for the paired comparisons (rows of a jpq that kept none
+    # have no entry)
+    per_q = json.loads(per_query_path.read_text()) if per_query_path.exists() else {}
     test_ids = ws.test_ids()
     q_test = ws.query_emb[ws.query_rows(test_ids)]
     test_texts = [ws.dataset.query_texts[i] for i in ws.query_rows(test_ids)]
 
-    def keep(rec):
+    def keep(rec, values):
+        per_q[_key(rec["method"], rec["ratio"])] = values
+        atomic_write_json(per_query_path, per_q)  # before the row: a row never lacks its values
         done[(rec["method"], rec["ratio"])] = rec
         atomic_write_json(partial_path, list(done.values()))
         log.info("%s @%sx: %s", rec["method"], rec["ratio"],
                  ", ".join(f"{m} {rec[m]:.4f}" for m in EVAL_METRICS))
 
     if ("uncompressed", 1) not in done:
-        keep(_record("uncompressed", 1, None, evaluate_vectors(ws, q_test, None, test_ids), 0.0))
+        values = evaluate_vectors(ws, q_test, None, test_ids, per_query=True)
+        keep(_record("uncompressed", 1, None, values, 0.0), values)
     if ("uncompressed-trained", 1) not in done:
         cfg = TrainConfig(**{**asdict(config), "mode": "encoder"})
         trainer, secs, sel = train_run(ws, cfg, None, out_dir / "checkpoints" / "uncompressed-trained",
                                        progress=progress)
-        keep(_record("uncompressed-trained", 1, None,
-                     evaluate_vectors(ws, trainer.encode_queries(test_texts), None, test_ids), secs,
-                     **selection_summary(sel, trainer)))
+        values = evaluate_vectors(ws, trainer.encode_queries(test_texts), None, test_ids, per_query=True)
+        keep(_record("uncompressed-trained", 1, None, values, secs, **selection_summary(sel, trainer)), values)
     for ratio in ratios:
         M = m_for_ratio(ws.d, ratio)
         true_ratio = round(4 * ws.d / M, 2)
@@ -148,8 +181,9 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             t0 = time.perf_counter()
             indexes[method] = build_index(ws.doc_emb, M, opq=opq, seed=seed)
             if (method, ratio) not in done:
-                keep(_record(method, ratio, M, evaluate_vectors(ws, q_test, indexes[method], test_ids),
-                             time.perf_counter() - t0, bytes_per_vector=M, exact_ratio=true_ratio))
+                values = evaluate_vectors(ws, q_test, indexes[method], test_ids, per_query=True)
+                keep(_record(method, ratio, M, values, time.perf_counter() - t0, bytes_per_vector=M,
+                             exact_ratio=true_ratio), values)
         if ("jpq-centroids", ratio) not in done:
             runs = []
             for w in pseudo_query_weights:
@@ -165,9 +199,10 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             trainer, refit_secs = refit_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / name, selected,
                                             progress=progress)
             index = trainer.trained_index()
-            keep(_record("jpq-centroids", ratio, M, evaluate_vectors(ws, q_test, index, test_ids),
-                         sum(r[4] for r in runs) + refit_secs, bytes_per_vector=M, exact_ratio=true_ratio,
-                         lr_centroids=-neg_lr, pseudo_query_weight=-neg_w, **selection_summary(sel, trainer)))
+            values = evaluate_vectors(ws, q_test, index, test_ids, per_query=True)
+            keep(_record("jpq-centroids", ratio, M, values, sum(r[4] for r in runs) + refit_secs,
+                         bytes_per_vector=M, exact_ratio=true_ratio, lr_centroids=-neg_lr,
+                         pseudo_query_weight=-neg_w, **selection_summary(sel, trainer)), values)
             index.save(out_dir / "checkpoints" / f"jpq-centroids-{ratio}.jpq")
         if ("jpq", ratio) not in done:
             # JPQ full starts from the zero-shot tower. Starting its selection run from the
@@ -180,20 +215,28 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
             trainer, secs, sel = train_run(ws, cfg, indexes["opq"], out_dir / "checkpoints" / f"jpq-{ratio}",
                                            progress=progress)
             index = trainer.trained_index()
-            keep(_record("jpq", ratio, M, evaluate_vectors(ws, trainer.encode_queries(test_texts), index, test_ids),
-                         secs, bytes_per_vector=M, exact_ratio=true_ratio, lr_centroids=lr,
-                         pseudo_query_weight=w, **selection_summary(sel, trainer)))
+            values = evaluate_vectors(ws, trainer.encode_queries(test_texts), index, test_ids, per_query=True)
+            keep(_record("jpq", ratio, M, values, secs, bytes_per_vector=M, exact_ratio=true_ratio,
+                         lr_centroids=lr, pseudo_query_weight=w, **selection_summary(sel, trainer)), values)
             index.save(out_dir / "checkpoints" / f"jpq-{ratio}.jpq")
     order = {m: i for i, m in enumerate(METHODS)}
     records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))
     records = [r for r in records if r["ratio"] == 1 or r["ratio"] in ratios]
+    paired = paired_comparisons(records, per_q, seed=seed)
+    for r in records:
+        if r["method"] == "jpq":
+            r["versus"] = {p["versus"]: {} for p in paired if p["ratio"] == r["ratio"]}
+            for p in paired:
+                if p["ratio"] == r["ratio"]:
+                    r["versus"][p["versus"]][p["metric"]] = {"difference": round(p["difference"], 6),
+                                                            "ci95": [round(x, 6) for x in p["ci95"]]}
     atomic_write_json(out_dir / "results.json", records)
-    (out_dir / "results.md").write_text(results_table(records, ws.dataset.name))
+    (out_dir / "results.md").write_text(results_table(records, ws.dataset.name, paired))
     plot_results(records, out_dir / "results.png", ws.dataset.name)
     return records
 
 
-def results_table(records: list[dict], name: str = "") -> str:
+def results_table(records: list[dict], name: str = "", paired: list[dict] | None = None) -> str:
     ratios = sorted({r["ratio"] for r in records if r["ratio"] != 1})
     by = {(r["method"], r["ratio"]): r for r in records}
     lines = [f"# jpq demo{': ' + name if name else ''} (test split)", "",
@@ -213,6 +256,20 @@ def results_table(records: list[dict], name: str = "") -> str:
                   "(centroid rate, pseudo-query weight): " + ", ".join(
                       f"{ratio}x ({r['lr_centroids']:g}, {r.get('pseudo_query_weight', 0.0):g})" for ratio, r in chosen)
                   + "."]
+    if paired:
+        by = {(p["ratio"], p["versus"], p["metric"]): p for p in paired}
+        bases = [b for b in COMPARED_WITH if any(p["versus"] == b for p in paired)]
+        lines += ["", f"JPQ minus each method, nDCG@10, paired over the {paired[0]['queries']} test queries: mean "
+                  f"difference [95% bootstrap interval, {paired[0]['resamples']} resamplings]; an interval that holds "
+                  "0 is no measured difference.", "",
+                  "| ratio | " + " | ".join(f"JPQ - {b}" for b in bases) + " |", "|---|" + "---|" * len(bases)]
+        for ratio in sorted({p["ratio"] for p in paired}):
+            cells = []
+            for b in bases:
+                p = by.get((ratio, b, "ndcg@10"))
+                cells.append("-" if p is None else
+                             f"{p['difference']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]")
+            lines.append(f"| {ratio}x | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -174,3 +174,32 @@ def _check_topk(I: np.ndarray, query_ids: Sequence[str], doc_ids: Sequence[str])
     if I.size and (I.max() >= len(doc_ids) or I.min() < -1):
         raise ValueError(f"I holds row positions outside [-1, {len(doc_ids)}) "
                          f"(len(doc_ids)={len(doc_ids)})")
+
+
+def paired_bootstrap(a: Mapping[str, float], b: Mapping[str, float], resamples: int = 2000,
+                     rng: np.random.Generator | int = 0) -> dict:
+    """Mean of a - b over the same queries and its 95% percentile bootstrap interval.
+
+    Args:
+        a, b: {query id: value} of one metric for two systems (e.g. one entry of `per_query`), over
+            the same query ids.
+        resamples: bootstrap resamplings of the queries (paired: both systems resampled together).
+        rng: a NumPy Generator or a seed.
+
+    Returns:
+        {"difference": mean(a - b), "ci95": [low, high], "queries": n, "resamples": resamples}: an
+        interval that holds 0 is no measured difference.
+    """
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise ValueError(f"a and b must score the same queries; {len(only)} differ, e.g. {only[:3]}")
+    if not a:
+        raise ValueError("a and b hold no query")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be an int >= 1, got {resamples!r}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    qids = sorted(a)
+    diff = np.array([a[q] - b[q] for q in qids], dtype=np.float64)
+    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
+    return {"difference": float(diff.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "queries": len(diff), "resamples": resamples}

@@ -18,6 +18,7 @@ from .data import BeirDataset, load_beir, title_queries
 from .encoders import DEFAULT_MODEL, SentenceEncoder, cached_embeddings, load_precomputed
 from .index import PQIndex, anisotropic_codebooks
 from .metrics import evaluate
+from .metrics import per_query as per_query_metrics
 from .train import JPQTrainer, TrainConfig, fit_and_refit, refit_selected, resolve_device
 
 log = logging.getLogger(__name__)
@@ -158,15 +159,17 @@ def build_index(doc_emb: np.ndarray, M: int, opq: bool, nbits: int = 8, seed: in
     return index
 
 
-def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: list[str], k: int = 100):
-    """Test metrics for query vectors q (rows aligned with ids), exact search when index is None."""
+def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: list[str], k: int = 100,
+                     per_query: bool = False):
+    """Test metrics for query vectors q (rows aligned with ids), exact search when index is None:
+    their means, or with `per_query` {metric: {query id: value}}."""
     if index is None:
         scores = torch.from_numpy(q) @ torch.from_numpy(ws.doc_emb).T
         I = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy()
     else:
         I = index.search(q, k)[1]
     qrels = ws.dataset.qrels[ws.test_split]
-    return evaluate((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
+    return (per_query_metrics if per_query else evaluate)((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
 
 
 def _trainer_factory(ws: Workspace, index: PQIndex | None, progress: bool):

@@ -90,7 +90,7 @@ from .kernels import assign
 from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
 from .kernels.dispatch import BACKENDS
-from .metrics import evaluate, mean_over_queries, per_query
+from .metrics import evaluate, mean_over_queries, paired_bootstrap, per_query
 from .storage import atomic_write_json, read_container, write_container
 from .train import Checkpointing, TrainState, ce_loss, fit_and_refit, holdout_split
 
@@ -1334,13 +1334,8 @@ def _paired_bootstrap(chosen: dict, fractions, baselines, metrics=("recall@100",
         for base in baselines:
             other = chosen[(base, f)]
             for metric in metrics:
-                values = tree[metric]
-                qids = sorted(values)
-                diff = np.array([values[q] - other[metric][q] for q in qids])
-                means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
-                out.append({"fraction_target": f, "versus": base, "metric": metric, "queries": len(diff),
-                            "resamples": resamples, "difference": float(diff.mean()),
-                            "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]})
+                out.append({"fraction_target": f, "versus": base, "metric": metric,
+                            **paired_bootstrap(tree[metric], other[metric], resamples, rng)})
     return out
 
 

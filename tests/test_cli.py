@@ -36,6 +36,21 @@ def test_jpq_demo_writes_results_for_every_method(tmp_path):
     for key in ("lr_centroids", "pseudo_query_weight"):
         assert by["jpq"][key] == by["jpq-centroids"][key]
     assert "pseudo-query weight): 32x (" in (out / "results.md").read_text()
+    # every row's per-query test values are kept, and JPQ is compared with them query by query
+    per_q = json.loads((out / "per_query.json").read_text())
+    assert set(per_q) == {f"{m}@{r}" for m, r in methods}
+    for r in records:
+        values = per_q[f"{r['method']}@{r['ratio']}"]
+        for metric in ("ndcg@10", "mrr@10", "recall@100"):
+            assert sum(values[metric].values()) / len(values[metric]) == pytest.approx(r[metric], abs=1e-6)
+    versus = by["jpq"]["versus"]
+    assert set(versus) == {"opq", "jpq-centroids", "uncompressed-trained"}
+    for base, metrics in versus.items():
+        ref = by[base]
+        for metric, cmp in metrics.items():
+            assert cmp["difference"] == pytest.approx(by["jpq"][metric] - ref[metric], abs=2e-6)
+            assert cmp["ci95"][0] <= cmp["difference"] <= cmp["ci95"][1]
+    assert "| 32x | " in (out / "results.md").read_text().split("JPQ minus each method")[1]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["pseudo_query_weights"] == [0.0, 1.0] and "pseudo_query_weight" not in settings["config"]
     # the embeddings were cached: a second run with everything done finishes from the cache (and

@@ -172,3 +172,31 @@ def test_mean_over_queries_is_evaluate_on_a_subset():
         (I[[1, 4, 5]], subset, docs), {q: qrels[q] for q in subset}, ("recall@10",))
     with pytest.raises(ValueError, match="no query"):
         mean_over_queries(per_q, [])
+
+
+def test_paired_bootstrap():
+    from jpq.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = {f"q{i}": float(v) for i, v in enumerate(rng.random(400))}
+    # a constant shift: the paired interval is exactly the shift
+    r = paired_bootstrap({q: v + 0.05 for q, v in a.items()}, a, resamples=300, rng=1)
+    np.testing.assert_allclose([r["difference"], *r["ci95"]], 0.05, atol=1e-12)
+    assert r["queries"] == 400 and r["resamples"] == 300
+    # noisy per-query differences: the interval matches the normal one (mean +- 1.96 SE) and holds the mean
+    noise = rng.normal(0.02, 0.2, 400)
+    b = {q: v + d for (q, v), d in zip(a.items(), noise)}
+    r = paired_bootstrap(b, a, resamples=4000, rng=2)
+    se = noise.std(ddof=1) / np.sqrt(len(noise))
+    assert r["difference"] == pytest.approx(noise.mean())
+    assert r["ci95"][0] < r["difference"] < r["ci95"][1]
+    np.testing.assert_allclose(r["ci95"], [noise.mean() - 1.96 * se, noise.mean() + 1.96 * se], atol=0.25 * se)
+    # deterministic for a seed; the order of the keys does not matter
+    assert paired_bootstrap(b, a, resamples=100, rng=5) == paired_bootstrap(dict(reversed(b.items())), a,
+                                                                            resamples=100, rng=5)
+    with pytest.raises(ValueError, match="same queries"):
+        paired_bootstrap(a, {"other": 0.0})
+    with pytest.raises(ValueError, match="no query"):
+        paired_bootstrap({}, {})
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap(a, a, resamples=0)

@@ -686,3 +686,29 @@ def test_a_diverged_step_raises_before_it_updates_anything():
     after = [p.detach() for p in (trainer.centroids, *trainer.encoder.parameters())]
     for a, b in zip(before, after):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def test_demo_paired_comparisons_and_table():
+    from jpq.demo import paired_comparisons, results_table
+
+    qids = [f"q{i}" for i in range(50)]
+    rng = np.random.default_rng(0)
+    base = {m: {q: float(v) for q, v in zip(qids, rng.random(50))} for m in ("ndcg@10", "mrr@10", "recall@100")}
+    shifted = {m: {q: v + 0.1 for q, v in vals.items()} for m, vals in base.items()}
+    per_q = {"jpq@32": shifted, "opq@32": base, "uncompressed-trained@1": shifted,
+             "jpq@96": shifted}  # no opq@96, jpq-centroids@*: rows without per-query values
+    records = [{"method": "jpq", "ratio": 32}, {"method": "jpq", "ratio": 96}, {"method": "opq", "ratio": 32}]
+    paired = paired_comparisons(records, per_q, resamples=200)
+    got = {(p["ratio"], p["versus"], p["metric"]): p for p in paired}
+    assert {k[:2] for k in got} == {(32, "opq"), (32, "uncompressed-trained"), (96, "uncompressed-trained")}
+    np.testing.assert_allclose([got[(32, "opq", "ndcg@10")]["difference"], *got[(32, "opq", "ndcg@10")]["ci95"]],
+                               0.1, atol=1e-12)
+    assert got[(96, "uncompressed-trained", "mrr@10")]["ci95"] == [0.0, 0.0]
+    rows = [{"method": m, "ratio": r, "ndcg@10": 0.5, "mrr@10": 0.4, "recall@100": 0.9, "train_seconds": 1.0}
+            for m, r in (("uncompressed-trained", 1), ("opq", 32), ("jpq", 32), ("jpq", 96))]
+    table = results_table(rows, "x", paired)
+    part = table.split("JPQ minus each method")[1]
+    assert "| ratio | JPQ - opq | JPQ - uncompressed-trained |" in part  # no jpq-centroids values: no column
+    assert "| 32x | +0.1000 [+0.1000, +0.1000] | +0.0000 [+0.0000, +0.0000] |" in part
+    assert "| 96x | - | +0.0000 [+0.0000, +0.0000] |" in part
+    assert "JPQ minus" not in results_table(rows, "x", [])
