@@ -223,13 +223,13 @@ def run_demo(ws, out_dir: Path, ratios=DEFAULT_RATIOS, config: TrainConfig | Non
     records = sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r["ratio"]))
     records = [r for r in records if r["ratio"] == 1 or r["ratio"] in ratios]
     paired = paired_comparisons(records, per_q, seed=seed)
+    versus = {}  # ratio -> {method: {metric: comparison}}
+    for p in paired:
+        versus.setdefault(p["ratio"], {}).setdefault(p["versus"], {})[p["metric"]] = {
+            "difference": round(p["difference"], 6), "ci95": [round(x, 6) for x in p["ci95"]]}
     for r in records:
         if r["method"] == "jpq":
-            r["versus"] = {p["versus"]: {} for p in paired if p["ratio"] == r["ratio"]}
-            for p in paired:
-                if p["ratio"] == r["ratio"]:
-                    r["versus"][p["versus"]][p["metric"]] = {"difference": round(p["difference"], 6),
-                                                            "ci95": [round(x, 6) for x in p["ci95"]]}
+            r["versus"] = versus.get(r["ratio"], {})
     atomic_write_json(out_dir / "results.json", records)
     (out_dir / "results.md").write_text(results_table(records, ws.dataset.name, paired))
     plot_results(records, out_dir / "results.png", ws.dataset.name)
@@ -257,7 +257,7 @@ def results_table(records: list[dict], name: str = "", paired: list[dict] | None
                       f"{ratio}x ({r['lr_centroids']:g}, {r.get('pseudo_query_weight', 0.0):g})" for ratio, r in chosen)
                   + "."]
     if paired:
-        by = {(p["ratio"], p["versus"], p["metric"]): p for p in paired}
+        compared = {(p["ratio"], p["versus"], p["metric"]): p for p in paired}
         bases = [b for b in COMPARED_WITH if any(p["versus"] == b for p in paired)]
         lines += ["", f"JPQ minus each method, nDCG@10, paired over the {paired[0]['queries']} test queries: mean "
                   f"difference [95% bootstrap interval, {paired[0]['resamples']} resamplings]; an interval that holds "
@@ -266,7 +266,7 @@ def results_table(records: list[dict], name: str = "", paired: list[dict] | None
         for ratio in sorted({p["ratio"] for p in paired}):
             cells = []
             for b in bases:
-                p = by.get((ratio, b, "ndcg@10"))
+                p = compared.get((ratio, b, "ndcg@10"))
                 cells.append("-" if p is None else
                              f"{p['difference']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]")
             lines.append(f"| {ratio}x | " + " | ".join(cells) + " |")
