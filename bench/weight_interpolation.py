@@ -1,0 +1,168 @@
+"""Interpolating JPQ full's trained weights back toward its start (WiSE-FT): held-out selection runs.
+
+    python bench/weight_interpolation.py                       # SciFact, 96x, seeds 0-2
+    python bench/weight_interpolation.py --data /tmp/scifact-unseen \\
+        --demo bench/results/demo_scifact_unseen --ratios 64,96
+
+Fine-tuning a zero-shot model and then averaging its weights with the zero-shot ones
+(Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022) keeps most of the
+fine-tuning gain on the training distribution while losing less on shifted data. JPQ's risky
+case is such a shift: held-out queries whose positives no training query points to. Here the
+state of JPQ full after each epoch, theta_e (query tower and centroids; codes fixed), is mixed
+with the start theta_0 (the zero-shot tower and the post-hoc OPQ centroids):
+
+    theta(alpha) = theta_0 + alpha * (theta_e - theta_0),   alpha in --alphas
+
+for two epochs: the one the demo's selection picked (best held-out nDCG@10 among the epochs the
+unseen guard allows) and the best held-out epoch whatever the guard said. Each mixture gets the
+same held-out score and the same guard test (unseen-positive held-out queries against epoch 0,
+one standard error) as an epoch does. "selected+mix" is the best allowed mixture, the rule a
+trainer option would apply; "demo" is alpha 1 at the selected epoch.
+
+Each run is the demo's JPQ full selection run (a fifth of the train split held out, no refit):
+centroid rate and pseudo-query weight are those the demo at --demo chose per ratio (seed 0's
+choice, kept for every seed), else --lr-centroids / --pseudo-query-weight. The test split is
+never read. Writes bench/results/weight_interpolation[_NAME].{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+
+
+def mix_states(start: dict, end: dict, alpha: float) -> dict:
+    """start + alpha * (end - start) for the float tensors of a JPQTrainer model state (centroids,
+    encoder weights); integer buffers and the codes are taken from `end` (they never change)."""
+    def lerp(a, b):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            return a + alpha * (b - a)
+        return b
+
+    out = {"codes": end.get("codes")}
+    out["centroids"] = None if end["centroids"] is None else lerp(start["centroids"], end["centroids"])
+    out["encoder"] = None if end["encoder"] is None else {k: lerp(start["encoder"][k], v)
+                                                           for k, v in end["encoder"].items()}
+    return out
+
+
+def demo_choices(demo_dir: str | None) -> dict:
+    """{ratio: (lr_centroids, pseudo_query_weight)} of the demo's JPQ full rows."""
+    if not demo_dir:
+        return {}
+    recs = json.loads((Path(demo_dir) / "results.json").read_text())
+    return {int(r["ratio"]): (float(r["lr_centroids"]), float(r.get("pseudo_query_weight", 0.0)))
+            for r in recs if r["method"] == "jpq"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=None)
+    ap.add_argument("--demo", default=str(RESULTS / "demo_scifact"),
+                    help="a demo's --out (results.json): its JPQ rows' rate and pseudo-query weight per ratio")
+    ap.add_argument("--ratios", default="96")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--alphas", default="0.25,0.5,0.75")
+    ap.add_argument("--lr-centroids", type=float, default=1e-3)
+    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
+    ap.add_argument("--out", default=None, help="default: bench/results/weight_interpolation[_DATASET].md")
+    args = ap.parse_args(argv)
+    alphas = [float(a) for a in args.alphas.split(",")]
+    if not all(0.0 < a < 1.0 for a in alphas):
+        raise ValueError(f"--alphas: expected values strictly between 0 and 1, got {args.alphas}")
+
+    from jpq.pipeline import _trainer_factory, build_index, load_workspace, m_for_ratio
+    from jpq.train import TrainConfig
+
+    ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
+    name = ws.dataset.name
+    out = Path(args.out) if args.out else RESULTS / ("weight_interpolation.md" if name == "scifact"
+                                                     else f"weight_interpolation_{name}.md")
+    choices = demo_choices(args.demo)
+    t_all = time.perf_counter()
+    records = []
+    lines = [f"# Weight interpolation toward the start (WiSE-FT) for JPQ full ({name})", "",
+             "Held-out selection runs (a fifth of the train split, no refit); each cell: held-out nDCG@10, "
+             "unseen-positive held-out change against epoch 0 +- its standard error, * where the guard "
+             "blocks it. Test split never read.", "",
+             "| ratio | seed | epoch | " + " | ".join(f"alpha {a:g}" for a in alphas + [1.0]) + " |",
+             "|---|---|---|" + "---|" * (len(alphas) + 1)]
+    for ratio in (int(r) for r in args.ratios.split(",")):
+        lr, w = choices.get(ratio, (args.lr_centroids, args.pseudo_query_weight))
+        for seed in (int(s) for s in args.seeds.split(",")):
+            index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
+            make = _trainer_factory(ws, index, progress=False)
+            trainer = make(TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=w, seed=seed), None)
+            states = {0: trainer._model_state()}
+            close = trainer._close_epoch
+
+            def keeping(rec, best_state, close=close, trainer=trainer, states=states):
+                states[rec["epoch"]] = trainer._model_state()
+                return close(rec, best_state)
+
+            trainer._close_epoch = keeping
+            t0 = time.perf_counter()
+            trainer.fit()
+            secs = time.perf_counter() - t0
+            st = trainer.state
+            hist = st.history
+            top = max(range(len(hist)), key=lambda e: hist[e]["val"])
+            rec = {"ratio": ratio, "seed": seed, "lr_centroids": lr, "pseudo_query_weight": w,
+                   "selected_epoch": st.best_epoch, "best_val_epoch": top, "seconds": secs,
+                   "curve": [h["val"] for h in hist], "mixtures": []}
+            for epoch in sorted({st.best_epoch, top}):
+                if epoch == 0:
+                    continue
+                cells = []
+                for a in alphas + [1.0]:
+                    trainer._load_model_state(mix_states(states[0], states[epoch], a))
+                    m = trainer._guard({"epoch": epoch, **trainer._validate()})
+                    mix = {"epoch": epoch, "alpha": a, "val": m["val"], "unseen_change": m.get("unseen_change"),
+                           "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)}
+                    rec["mixtures"].append(mix)
+                    cells.append(f"{m['val']:.4f}" + ("" if mix["unseen_change"] is None else
+                                 f" ({mix['unseen_change']:+.3f} +- {mix['unseen_se']:.3f})")
+                                 + ("" if mix["eligible"] else " *"))
+                tag = ("selected" if epoch == st.best_epoch else "") + \
+                      ("/" if epoch == st.best_epoch and epoch == top else "") + ("best held-out" if epoch == top else "")
+                lines.append(f"| {ratio}x | {seed} | {epoch} ({tag}) | " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
+            allowed = [m for m in rec["mixtures"] if m["eligible"]]
+            rec["demo_val"] = float(st.best_score)
+            best_mix = max(allowed, key=lambda m: m["val"]) if allowed else None
+            rec["mix_val"] = float(st.best_score) if best_mix is None or best_mix["val"] <= st.best_score \
+                else best_mix["val"]
+            rec["mix_choice"] = None if best_mix is None or best_mix["val"] <= st.best_score else \
+                {"epoch": best_mix["epoch"], "alpha": best_mix["alpha"]}
+            records.append(rec)
+    lines += ["", "Selected held-out nDCG@10: the demo's rule (alpha 1 over allowed epochs) vs the best allowed "
+              "mixture (it falls back to the demo's when no mixture beats it):", "",
+              "| ratio | seed | demo (epoch) | with mixtures (epoch, alpha) | seconds |", "|---|---|---|---|---|"]
+    for r in records:
+        c = r["mix_choice"]
+        choice = "same" if c is None else f"{c['epoch']}, {c['alpha']:g}"
+        lines.append(f"| {r['ratio']}x | {r['seed']} | {r['demo_val']:.4f} ({r['selected_epoch']}) | "
+                     f"{r['mix_val']:.4f} ({choice}) | "
+                     f"{r['seconds']:.0f} |")
+    for ratio in sorted({r["ratio"] for r in records}):
+        rs = [r for r in records if r["ratio"] == ratio]
+        lines.append(f"\n{ratio}x mean: demo {np.mean([r['demo_val'] for r in rs]):.4f}, "
+                     f"with mixtures {np.mean([r['mix_val'] for r in rs]):.4f} "
+                     f"(rate {rs[0]['lr_centroids']:g}, pseudo-query weight {rs[0]['pseudo_query_weight']:g})")
+    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
