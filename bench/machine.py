@@ -117,3 +117,45 @@ def append_csv(path: Path, rows: list[dict]) -> None:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def selection_record(selection, seconds: float, **extra) -> dict:
+    """A held-out selection run's record for a report: the selected epoch's held-out score and
+    epoch, the mean over its unseen-positive held-out queries (None without the guard), seconds,
+    the held-out curve, and `extra` fields (seed, variant, ...). `selection`: a TrainState."""
+    unseen = selection.history[selection.best_epoch].get("val_unseen")
+    if isinstance(unseen, list):  # epoch 0 keeps the per-query values
+        unseen = sum(unseen) / len(unseen)
+    return {**extra, "val": float(selection.best_score), "epoch": selection.best_epoch, "val_unseen": unseen,
+            "seconds": seconds, "curve": [h.get("val") for h in selection.history]}
+
+
+def selection_cells(rec: dict) -> str:
+    """`val (epoch) | unseen | seconds` table cells of a `selection_record`."""
+    unseen = "-" if rec["val_unseen"] is None else f"{rec['val_unseen']:.4f}"
+    return f"{rec['val']:.4f} ({rec['epoch']}) | {unseen} | {rec['seconds']:.0f}"
+
+
+def write_report(out: Path, lines: list[str], records: list, script: str, argv: list[str] | None,
+                 started: float) -> None:
+    """Close a report with its command line and run time (`started`: time.perf_counter() at the
+    start), write it to `out` (markdown) and its records next to it (.json), and print it."""
+    import json
+
+    lines = [*lines, "", f"Command: `{command_line(script, argv)}` ({time.perf_counter() - started:.0f} s on "
+                         f"{cpu_model()})."]
+    out = Path(out)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+def mean_lines(records: list[dict], key: str, title: str) -> list[str]:
+    """Report lines: `title`, then per value of rec[key] (first-seen order) the mean of the
+    records' "val" and the values themselves."""
+    lines = ["", title]
+    for value in dict.fromkeys(r[key] for r in records):
+        vals = [r["val"] for r in records if r[key] == value]
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        lines.append(f"- {shown}: {statistics.fmean(vals):.4f} ({', '.join(f'{x:.4f}' for x in vals)})")
+    return lines

@@ -23,16 +23,14 @@ training query points to, and seconds. Writes bench/results/pseudo_query_tower.{
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, mean_lines, selection_cells, selection_record, write_report  # noqa: E402
 
 VARIANTS = ("frozen", "tower", "tower-grad")
 
@@ -65,24 +63,13 @@ def tower_trainer_class(texts: list[str], grad: bool):
 
 
 def selection_run(ws, index, cfg, variant: str):
-    import copy
-
     from jpq.data import title_queries
     from jpq.pipeline import train_run
     from jpq.train import JPQTrainer
 
-    if variant == "frozen":
-        trainer, secs, sel = train_run(ws, cfg, index, None, progress=False, select_only=True)
-        return trainer, secs, sel
-    cls = tower_trainer_class(title_queries(ws.dataset), grad=variant == "tower-grad")
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    t0 = time.perf_counter()
-    trainer = cls(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
-                  query_texts=ws.query_texts(), query_embeddings=rows, encoder=copy.deepcopy(ws.encoder),
-                  out_dir=None, progress=False, pseudo_queries=ws.pseudo_query_emb(progress=False))
-    assert isinstance(trainer, JPQTrainer)
-    trainer.fit()
-    return trainer, time.perf_counter() - t0, trainer.state
+    cls = JPQTrainer if variant == "frozen" else \
+        tower_trainer_class(title_queries(ws.dataset), grad=variant == "tower-grad")
+    return train_run(ws, cfg, index, None, progress=False, select_only=True, trainer_class=cls)
 
 
 def main(argv=None):
@@ -113,24 +100,11 @@ def main(argv=None):
         for variant in variants:
             cfg = TrainConfig(mode="jpq", lr_centroids=1e-3, pseudo_query_weight=1.0, seed=seed)
             trainer, secs, sel = selection_run(ws, index, cfg, variant)
-            best = sel.history[sel.best_epoch]
-            unseen = best.get("val_unseen")
-            unseen = float(np.mean(unseen)) if isinstance(unseen, list) else unseen
-            rec = {"seed": seed, "variant": variant, "val": float(sel.best_score), "epoch": sel.best_epoch,
-                   "val_unseen": unseen, "seconds": secs, "curve": [h.get("val") for h in sel.history]}
-            records.append(rec)
-            lines.append(f"| {seed} | {variant} | {rec['val']:.4f} ({rec['epoch']}) | "
-                         f"{'-' if unseen is None else f'{unseen:.4f}'} | {secs:.0f} |")
+            records.append(selection_record(sel, secs, seed=seed, variant=variant))
+            lines.append(f"| {seed} | {variant} | {selection_cells(records[-1])} |")
             print(lines[-1], flush=True)
-    lines += ["", "Mean held-out nDCG@10 per variant:"]
-    for v in variants:
-        vals = [r["val"] for r in records if r["variant"] == v]
-        lines.append(f"- {v}: {np.mean(vals):.4f} ({', '.join(f'{x:.4f}' for x in vals)})")
-    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
-    out = Path(args.out)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-    print("\n".join(lines))
+    lines += mean_lines(records, "variant", "Mean held-out nDCG@10 per variant:")
+    write_report(Path(args.out), lines, records, __file__, argv, t_all)
 
 
 if __name__ == "__main__":

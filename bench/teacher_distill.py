@@ -25,8 +25,6 @@ queries, seconds. Weight 0 is the demo's run. Writes bench/results/teacher_disti
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, mean_lines, selection_cells, selection_record, write_report  # noqa: E402
 
 
 def distill_trainer_class(teacher_q: dict, weight: float):
@@ -45,17 +43,7 @@ def distill_trainer_class(teacher_q: dict, weight: float):
     class TeacherDistilled(JPQTrainer):
         """JPQTrainer whose step adds weight * KL(teacher || student) over the step's candidates."""
 
-        def step(self, ids):
-            # the base step, with the teacher term added to its loss: re-implemented here so that
-            # the candidates are drawn once (the base step draws them itself)
-            from jpq.train import ce_loss, pairwise_loss
-
-            q = self._queries(ids, grad=self.train_encoder)
-            cand, pos_mask, valid = self._candidates(ids, q)
-            scores, recon = self._scores(q, cand)
-            logits = self.cfg.scale * scores
-            rank_loss = (ce_loss if self.cfg.loss == "ce" else pairwise_loss)(logits, pos_mask, valid)
-            loss = rank_loss + self.cfg.recon_weight * recon
+        def _extra_loss(self, ids, cand, valid, logits):
             with torch.no_grad():
                 tq = torch.from_numpy(np.stack([teacher_q[i] for i in ids])).to(self.device)
                 t_scores = torch.einsum("bd,bpd->bp", tq, self.X_t[torch.from_numpy(cand).to(self.device)])
@@ -63,20 +51,7 @@ def distill_trainer_class(teacher_q: dict, weight: float):
                 t_logp = F.log_softmax((self.cfg.scale * t_scores).masked_fill(~valid, neg_inf), 1)
             s_logp = F.log_softmax(logits.masked_fill(~valid, torch.finfo(logits.dtype).min), 1)
             kl = (t_logp.exp() * (t_logp - s_logp)).masked_fill(~valid, 0.0).sum(1).mean()
-            loss = loss + weight * kl
-            corpus_recon = self._corpus_recon()
-            if corpus_recon is not None:
-                loss = loss + self.cfg.corpus_recon_weight * corpus_recon
-            pseudo = self._pseudo_query_loss()
-            if pseudo is not None:
-                loss = loss + self.cfg.pseudo_query_weight * pseudo
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            return {"loss": float(loss.detach()), "rank_loss": float(rank_loss.detach()),
-                    "recon": float(recon.detach()), "kl": float(kl.detach()),
-                    "corpus_recon": 0.0 if corpus_recon is None else float(corpus_recon.detach()),
-                    "pseudo": 0.0 if pseudo is None else float(pseudo.detach())}
+            return weight * kl
 
     return TeacherDistilled
 
@@ -95,10 +70,9 @@ def main(argv=None):
     weights = [float(w) for w in args.weights.split(",")]
 
     from jpq.pipeline import build_index, load_workspace, m_for_ratio, train_run
-    from jpq.train import TrainConfig
+    from jpq.train import JPQTrainer, TrainConfig
 
     ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
     t_all = time.perf_counter()
     records = []
     lines = [f"# Distilling uncompressed-trained into JPQ full ({ws.dataset.name}, {args.ratio}x)", "",
@@ -120,38 +94,13 @@ def main(argv=None):
         for w in weights:
             cfg = TrainConfig(mode="jpq", lr_centroids=args.lr_centroids,
                               pseudo_query_weight=args.pseudo_query_weight, seed=seed)
-            t0 = time.perf_counter()
-            if w == 0:
-                trainer, _, sel = train_run(ws, cfg, index, None, progress=False, select_only=True)
-            else:
-                cls = distill_trainer_class(teacher_q, w)
-                trainer = cls(cfg, ws.doc_emb, copy.deepcopy(index), ids, ws.train_qrels_by_row(),
-                              query_texts=ws.query_texts(), query_embeddings=rows,
-                              encoder=copy.deepcopy(ws.encoder), out_dir=None, progress=False,
-                              pseudo_queries=ws.pseudo_query_emb(progress=False)
-                              if args.pseudo_query_weight > 0 else None)
-                trainer.fit()
-                sel = trainer.state
-            secs = time.perf_counter() - t0
-            best = sel.history[sel.best_epoch]
-            unseen = best.get("val_unseen")
-            unseen = float(np.mean(unseen)) if isinstance(unseen, list) else unseen
-            rec = {"seed": seed, "weight": w, "val": float(sel.best_score), "epoch": sel.best_epoch,
-                   "val_unseen": unseen, "seconds": secs, "teacher_val": float(t_sel.best_score),
-                   "curve": [h.get("val") for h in sel.history]}
-            records.append(rec)
-            lines.append(f"| {seed} | {w:g} | {rec['val']:.4f} ({rec['epoch']}) | "
-                         f"{'-' if unseen is None else f'{unseen:.4f}'} | {secs:.0f} |")
+            cls = JPQTrainer if w == 0 else distill_trainer_class(teacher_q, w)
+            _, secs, sel = train_run(ws, cfg, index, None, progress=False, select_only=True, trainer_class=cls)
+            records.append(selection_record(sel, secs, seed=seed, weight=w, teacher_val=float(t_sel.best_score)))
+            lines.append(f"| {seed} | {w:g} | {selection_cells(records[-1])} |")
             print(lines[-1], flush=True)
-    lines += ["", "Mean held-out nDCG@10 per KL weight:"]
-    for w in weights:
-        vals = [r["val"] for r in records if r["weight"] == w]
-        lines.append(f"- {w:g}: {np.mean(vals):.4f} ({', '.join(f'{x:.4f}' for x in vals)})")
-    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
-    out = Path(args.out)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-    print("\n".join(lines))
+    lines += mean_lines(records, "weight", "Mean held-out nDCG@10 per KL weight:")
+    write_report(Path(args.out), lines, records, __file__, argv, t_all)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, write_report  # noqa: E402
 
 
 def with_unit_norm(index):
@@ -121,12 +120,7 @@ def main(argv=None):
                     lines.append(f"| {seed} | {ratio}x | {mode} | {v0:.4f} ({e0}) | {v1:.4f} ({e1}) | {v1 - v0:+.4f} "
                                  f"| {s0:.0f} / {s1:.0f} |")
                     print(lines[-1], flush=True)
-    cmd = command_line(__file__, argv)
-    lines += ["", f"Command: `{cmd}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
-    out = Path(args.out)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(Path(args.out), lines, records, __file__, argv, t_all)
 
 
 if __name__ == "__main__":

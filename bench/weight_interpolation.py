@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, write_report  # noqa: E402
 
 
 def mix_states(start: dict, end: dict, alpha: float) -> dict:
@@ -158,10 +158,7 @@ def main(argv=None):
         lines.append(f"\n{ratio}x mean: demo {np.mean([r['demo_val'] for r in rs]):.4f}, "
                      f"with mixtures {np.mean([r['mix_val'] for r in rs]):.4f} "
                      f"(rate {rs[0]['lr_centroids']:g}, pseudo-query weight {rs[0]['pseudo_query_weight']:g})")
-    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s on {cpu_model()})."]
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-    print("\n".join(lines))
+    write_report(out, lines, records, __file__, argv, t_all)
 
 
 if __name__ == "__main__":

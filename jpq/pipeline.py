@@ -172,16 +172,16 @@ def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: l
     return (per_query_metrics if per_query else evaluate)((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
 
 
-def _trainer_factory(ws: Workspace, index: PQIndex | None, progress: bool):
-    """make(config, out_dir) -> a JPQTrainer on ws with fresh copies of the encoder and the index,
-    so runs never leak into each other."""
+def _trainer_factory(ws: Workspace, index: PQIndex | None, progress: bool, trainer_class=JPQTrainer):
+    """make(config, out_dir) -> a `trainer_class` (JPQTrainer or a subclass) on ws with fresh copies
+    of the encoder and the index, so runs never leak into each other."""
     rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
 
     def make(cfg: TrainConfig, out: Path | None) -> JPQTrainer:
         pseudo = (ws.pseudo_query_emb(progress=progress)
                   if cfg.pseudo_query_weight > 0 and cfg.mode in ("jpq", "centroids") else None)
         encoder = copy.deepcopy(ws.encoder) if cfg.mode in ("jpq", "encoder") else None
-        return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
+        return trainer_class(cfg, ws.doc_emb, copy.deepcopy(index), ws.train_ids(), ws.train_qrels_by_row(),
                           query_texts=ws.query_texts(), query_embeddings=rows, encoder=encoder,
                           out_dir=out, progress=progress, pseudo_queries=pseudo)
 
@@ -189,7 +189,7 @@ def _trainer_factory(ws: Workspace, index: PQIndex | None, progress: bool):
 
 
 def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir: Path | None,
-              resume: bool = True, progress: bool = True, select_only: bool = False):
+              resume: bool = True, progress: bool = True, select_only: bool = False, trainer_class=JPQTrainer):
     """One training run; returns (trainer, seconds, selection).
 
     The run selects its epoch count on held-out training queries (`selection`: the TrainState of
@@ -198,9 +198,10 @@ def train_run(ws: Workspace, config: TrainConfig, index: PQIndex | None, out_dir
     `best_epoch` epochs, in `out_dir/refit`; that one is returned. When epoch 0 (the initial
     state) wins the selection, nothing is retrained. With `select_only` the selection trainer is
     returned as it is (`refit_run` refits it later, e.g. once it has won against other runs).
-    Every trainer gets fresh copies of the encoder and the index, so runs never leak into each other."""
+    Every trainer gets fresh copies of the encoder and the index, so runs never leak into each other.
+    `trainer_class`: JPQTrainer or a subclass of it (an experiment's extra loss term)."""
     t0 = time.perf_counter()
-    make = _trainer_factory(ws, index, progress)
+    make = _trainer_factory(ws, index, progress, trainer_class)
     if select_only:
         trainer = make(config, out_dir)
         trainer.fit(resume=resume)

@@ -740,6 +740,9 @@ class JPQTrainer(Checkpointing):
         pseudo = self._pseudo_query_loss()
         if pseudo is not None:
             loss = loss + self.cfg.pseudo_query_weight * pseudo
+        extra = self._extra_loss(ids, cand, valid, logits)
+        if extra is not None:
+            loss = loss + extra
         value = float(loss.detach())
         if not math.isfinite(value):  # before the update: the parameters stay as they were
             raise FloatingPointError(
@@ -752,6 +755,13 @@ class JPQTrainer(Checkpointing):
         return {"loss": value, "rank_loss": float(rank_loss.detach()), "recon": float(recon.detach()),
                 "corpus_recon": 0.0 if corpus_recon is None else float(corpus_recon.detach()),
                 "pseudo": 0.0 if pseudo is None else float(pseudo.detach())}
+
+    def _extra_loss(self, ids: list[str], cand: np.ndarray, valid: torch.Tensor,
+                    logits: torch.Tensor) -> torch.Tensor | None:
+        """A term added to each step's loss, for subclasses that try one (bench/teacher_distill.py):
+        the step's query ids, its (B, P) candidate rows, their validity mask and the (B, P)
+        logits being trained. None (nothing added) here."""
+        return None
 
     def _pseudo_query_loss(self) -> torch.Tensor | None:
         """Softmax cross-entropy of pseudo_queries_per_step random documents' pseudo-queries, each

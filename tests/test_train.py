@@ -712,3 +712,35 @@ def test_demo_paired_comparisons_and_table():
     assert "| 32x | +0.1000 [+0.1000, +0.1000] | +0.0000 [+0.0000, +0.0000] |" in part
     assert "| 96x | - | +0.0000 [+0.0000, +0.0000] |" in part
     assert "JPQ minus" not in results_table(rows, "x", [])
+
+
+def test_an_extra_loss_term_from_a_subclass_enters_each_step_and_train_run_builds_that_class():
+    """`JPQTrainer._extra_loss` (None: nothing) is the hook experiments add a term through
+    (bench/teacher_distill.py); train_run(trainer_class=...) builds that subclass."""
+    from jpq.pipeline import train_run
+
+    seen = []
+
+    class Extra(JPQTrainer):
+        def _extra_loss(self, ids, cand, valid, logits):
+            seen.append((len(ids), cand.shape, valid.shape, logits.shape))
+            return 1e3 * logits[valid].mean()  # pushes every candidate's score down: a large effect
+
+    plain, extra = make_trainer("jpq"), make_trainer("jpq")
+    extra.__class__ = Extra
+    batch = plain._batches(np.random.default_rng(0))[0]
+    torch.manual_seed(0)
+    base = plain.step(batch)
+    torch.manual_seed(0)
+    got = extra.step(batch)
+    assert seen == [(len(batch), seen[0][1], seen[0][1], seen[0][1])] and seen[0][1][0] == len(batch)
+    assert got["rank_loss"] == pytest.approx(base["rank_loss"]) and got["loss"] != pytest.approx(base["loss"])
+    assert not torch.allclose(plain.centroids, extra.centroids)
+
+    ws = toy_workspace()
+    index = jpq.PQIndex(16, 4, nbits=4, metric="ip")
+    index.train(ws.doc_emb, niter=10, seed=0)
+    index.add(ws.doc_emb)
+    cfg = TrainConfig(mode="jpq", epochs=1, batch_size=32, negatives=20, patience=1)
+    trainer, _, _ = train_run(ws, cfg, index, None, progress=False, select_only=True, trainer_class=Extra)
+    assert type(trainer) is Extra and len(seen) > 1

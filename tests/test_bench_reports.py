@@ -1,0 +1,55 @@
+"""The helpers the held-out experiment scripts share (bench/machine.py) and the weight mixing of
+bench/weight_interpolation.py."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from jpq.train import TrainState
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # puts bench/ on sys.path, so `machine` imports too
+    return module
+
+
+def test_selection_record_cells_means_and_report(tmp_path):
+    _bench_module("weight_interpolation")  # bench/ on sys.path
+    import machine
+
+    history = [{"epoch": 0, "val": 0.5, "val_unseen": [0.2, 0.4]},
+               {"epoch": 1, "val": 0.7, "val_unseen": 0.35}, {"epoch": 2, "val": 0.6, "val_unseen": 0.1}]
+    sel = TrainState(epoch=2, best_epoch=1, best_score=0.7, history=history)
+    rec = machine.selection_record(sel, 12.4, seed=3, weight=1.0)
+    assert rec == {"seed": 3, "weight": 1.0, "val": 0.7, "epoch": 1, "val_unseen": 0.35, "seconds": 12.4,
+                   "curve": [0.5, 0.7, 0.6]}
+    assert machine.selection_cells(rec) == "0.7000 (1) | 0.3500 | 12"
+    # epoch 0 keeps the per-query list: its mean is reported; no guard: "-"
+    at0 = machine.selection_record(TrainState(best_epoch=0, best_score=0.5, history=history[:1]), 1.0)
+    assert at0["val_unseen"] == pytest.approx(0.3)
+    assert machine.selection_cells({**at0, "val_unseen": None}).split(" | ")[1] == "-"
+    recs = [rec, {**rec, "val": 0.5}, {**rec, "weight": 0.0, "val": 0.4}]
+    assert machine.mean_lines(recs, "weight", "Means:") == ["", "Means:", "- 1: 0.6000 (0.7000, 0.5000)",
+                                                            "- 0: 0.4000 (0.4000)"]
+    out = tmp_path / "report.md"
+    machine.write_report(out, ["# title"], recs, "bench/some_script.py", ["--seeds", "0"], 0.0)
+    text = out.read_text()
+    assert text.startswith("# title\n\nCommand: `python bench/some_script.py --seeds 0` (")
+    assert json.loads(out.with_suffix(".json").read_text()) == recs
+
+
+def test_mix_states_interpolates_float_weights_and_keeps_the_rest():
+    wi = _bench_module("weight_interpolation")
+    start = {"centroids": torch.zeros(2, 3), "codes": None,
+             "encoder": {"w": torch.zeros(2), "ids": torch.tensor([0, 1])}}
+    end = {"centroids": torch.ones(2, 3) * 4, "codes": "codes",
+           "encoder": {"w": torch.tensor([2.0, -2.0]), "ids": torch.tensor([5, 6])}}
+    mixed = wi.mix_states(start, end, 0.25)
+    torch.testing.assert_close(mixed["centroids"], torch.ones(2, 3))
+    torch.testing.assert_close(mixed["encoder"]["w"], torch.tensor([0.5, -0.5]))
+    assert torch.equal(mixed["encoder"]["ids"], end["encoder"]["ids"]) and mixed["codes"] == "codes"
+    assert wi.mix_states(start, {**end, "encoder": None}, 0.5)["encoder"] is None
