@@ -130,6 +130,15 @@ def selection_record(selection, seconds: float, **extra) -> dict:
             "seconds": seconds, "curve": [h.get("val") for h in selection.history]}
 
 
+def add_selection_row(lines: list[str], records: list[dict], first_cells: str, selection, seconds: float,
+                      **extra) -> None:
+    """Append a `selection_record` to records and its table row (`| first_cells | ... |`) to
+    lines, and print the row."""
+    records.append(selection_record(selection, seconds, **extra))
+    lines.append(f"| {first_cells} | {selection_cells(records[-1])} |")
+    print(lines[-1], flush=True)
+
+
 def selection_cells(rec: dict) -> str:
     """`val (epoch) | unseen | seconds` table cells of a `selection_record`."""
     unseen = "-" if rec["val_unseen"] is None else f"{rec['val_unseen']:.4f}"

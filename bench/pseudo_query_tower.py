@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, mean_lines, selection_cells, selection_record, write_report  # noqa: E402
+from machine import RESULTS, SCIFACT, add_selection_row, mean_lines, write_report  # noqa: E402
 
 VARIANTS = ("frozen", "tower", "tower-grad")
 
@@ -100,9 +100,7 @@ def main(argv=None):
         for variant in variants:
             cfg = TrainConfig(mode="jpq", lr_centroids=1e-3, pseudo_query_weight=1.0, seed=seed)
             trainer, secs, sel = selection_run(ws, index, cfg, variant)
-            records.append(selection_record(sel, secs, seed=seed, variant=variant))
-            lines.append(f"| {seed} | {variant} | {selection_cells(records[-1])} |")
-            print(lines[-1], flush=True)
+            add_selection_row(lines, records, f"{seed} | {variant}", sel, secs, seed=seed, variant=variant)
     lines += mean_lines(records, "variant", "Mean held-out nDCG@10 per variant:")
     write_report(Path(args.out), lines, records, __file__, argv, t_all)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, mean_lines, selection_cells, selection_record, write_report  # noqa: E402
+from machine import RESULTS, SCIFACT, add_selection_row, mean_lines, write_report  # noqa: E402
 
 
 def distill_trainer_class(teacher_q: dict, weight: float):
@@ -96,9 +96,8 @@ def main(argv=None):
                               pseudo_query_weight=args.pseudo_query_weight, seed=seed)
             cls = JPQTrainer if w == 0 else distill_trainer_class(teacher_q, w)
             _, secs, sel = train_run(ws, cfg, index, None, progress=False, select_only=True, trainer_class=cls)
-            records.append(selection_record(sel, secs, seed=seed, weight=w, teacher_val=float(t_sel.best_score)))
-            lines.append(f"| {seed} | {w:g} | {selection_cells(records[-1])} |")
-            print(lines[-1], flush=True)
+            add_selection_row(lines, records, f"{seed} | {w:g}", sel, secs, seed=seed, weight=w,
+                              teacher_val=float(t_sel.best_score))
     lines += mean_lines(records, "weight", "Mean held-out nDCG@10 per KL weight:")
     write_report(Path(args.out), lines, records, __file__, argv, t_all)
 

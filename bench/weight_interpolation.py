@@ -16,8 +16,8 @@ with the start theta_0 (the zero-shot tower and the post-hoc OPQ centroids):
 for two epochs: the one the demo's selection picked (best held-out nDCG@10 among the epochs the
 unseen guard allows) and the best held-out epoch whatever the guard said. Each mixture gets the
 same held-out score and the same guard test (unseen-positive held-out queries against epoch 0,
-one standard error) as an epoch does. "selected+mix" is the best allowed mixture, the rule a
-trainer option would apply; "demo" is alpha 1 at the selected epoch.
+one standard error) as an epoch does. "with mixtures" is the best allowed mixture (the rule a
+trainer option would apply), "demo" alpha 1 at the selected epoch.
 
 Each run is the demo's JPQ full selection run (a fifth of the train split held out, no refit):
 centroid rate and pseudo-query weight are those the demo at --demo chose per ratio (seed 0's
@@ -80,8 +80,19 @@ def main(argv=None):
     if not all(0.0 < a < 1.0 for a in alphas):
         raise ValueError(f"--alphas: expected values strictly between 0 and 1, got {args.alphas}")
 
-    from jpq.pipeline import _trainer_factory, build_index, load_workspace, m_for_ratio
-    from jpq.train import TrainConfig
+    from jpq.pipeline import build_index, load_workspace, m_for_ratio, train_run
+    from jpq.train import JPQTrainer, TrainConfig
+
+    class EpochStatesKept(JPQTrainer):
+        """JPQTrainer that keeps every epoch's model state (epoch 0: the start) in `epoch_states`."""
+
+        def _initial_record(self):
+            self.epoch_states = {0: self._model_state()}
+            return super()._initial_record()
+
+        def _close_epoch(self, rec, best_state):
+            self.epoch_states[rec["epoch"]] = self._model_state()
+            return super()._close_epoch(rec, best_state)
 
     ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
     name = ws.dataset.name
@@ -100,20 +111,10 @@ def main(argv=None):
         lr, w = choices.get(ratio, (args.lr_centroids, args.pseudo_query_weight))
         for seed in (int(s) for s in args.seeds.split(",")):
             index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
-            make = _trainer_factory(ws, index, progress=False)
-            trainer = make(TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=w, seed=seed), None)
-            states = {0: trainer._model_state()}
-            close = trainer._close_epoch
-
-            def keeping(rec, best_state, close=close, trainer=trainer, states=states):
-                states[rec["epoch"]] = trainer._model_state()
-                return close(rec, best_state)
-
-            trainer._close_epoch = keeping
-            t0 = time.perf_counter()
-            trainer.fit()
-            secs = time.perf_counter() - t0
-            st = trainer.state
+            cfg = TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=w, seed=seed)
+            trainer, secs, st = train_run(ws, cfg, index, None, progress=False, select_only=True,
+                                          trainer_class=EpochStatesKept)
+            states = trainer.epoch_states
             hist = st.history
             top = max(range(len(hist)), key=lambda e: hist[e]["val"])
             rec = {"ratio": ratio, "seed": seed, "lr_centroids": lr, "pseudo_query_weight": w,

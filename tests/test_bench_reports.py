@@ -28,6 +28,9 @@ def test_selection_record_cells_means_and_report(tmp_path):
     assert rec == {"seed": 3, "weight": 1.0, "val": 0.7, "epoch": 1, "val_unseen": 0.35, "seconds": 12.4,
                    "curve": [0.5, 0.7, 0.6]}
     assert machine.selection_cells(rec) == "0.7000 (1) | 0.3500 | 12"
+    lines, records = [], []
+    machine.add_selection_row(lines, records, "3 | 1", sel, 12.4, seed=3, weight=1.0)
+    assert records == [rec] and lines == ["| 3 | 1 | 0.7000 (1) | 0.3500 | 12 |"]
     # epoch 0 keeps the per-query list: its mean is reported; no guard: "-"
     at0 = machine.selection_record(TrainState(best_epoch=0, best_score=0.5, history=history[:1]), 1.0)
     assert at0["val_unseen"] == pytest.approx(0.3)
