@@ -168,3 +168,20 @@ def mean_lines(records: list[dict], key: str, title: str) -> list[str]:
         shown = f"{value:g}" if isinstance(value, float) else str(value)
         lines.append(f"- {shown}: {statistics.fmean(vals):.4f} ({', '.join(f'{x:.4f}' for x in vals)})")
     return lines
+
+
+def epoch_states_trainer():
+    """A JPQTrainer subclass that keeps every epoch's model state (epoch 0: the start) in
+    `epoch_states`, for bench scripts that revisit the epochs of one run."""
+    from jpq.train import JPQTrainer
+
+    class EpochStatesKept(JPQTrainer):
+        def _initial_record(self):
+            self.epoch_states = {0: self._model_state()}
+            return super()._initial_record()
+
+        def _close_epoch(self, rec, best_state):
+            self.epoch_states[rec["epoch"]] = self._model_state()
+            return super()._close_epoch(rec, best_state)
+
+    return EpochStatesKept

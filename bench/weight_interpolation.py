@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, write_report  # noqa: E402
+from machine import RESULTS, SCIFACT, epoch_states_trainer, write_report  # noqa: E402
 
 
 def mix_states(start: dict, end: dict, alpha: float) -> dict:
@@ -81,18 +81,7 @@ def main(argv=None):
         raise ValueError(f"--alphas: expected values strictly between 0 and 1, got {args.alphas}")
 
     from jpq.pipeline import build_index, load_workspace, m_for_ratio, train_run
-    from jpq.train import JPQTrainer, TrainConfig
-
-    class EpochStatesKept(JPQTrainer):
-        """JPQTrainer that keeps every epoch's model state (epoch 0: the start) in `epoch_states`."""
-
-        def _initial_record(self):
-            self.epoch_states = {0: self._model_state()}
-            return super()._initial_record()
-
-        def _close_epoch(self, rec, best_state):
-            self.epoch_states[rec["epoch"]] = self._model_state()
-            return super()._close_epoch(rec, best_state)
+    from jpq.train import TrainConfig
 
     ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
     name = ws.dataset.name
@@ -113,7 +102,7 @@ def main(argv=None):
             index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
             cfg = TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=w, seed=seed)
             trainer, secs, st = train_run(ws, cfg, index, None, progress=False, select_only=True,
-                                          trainer_class=EpochStatesKept)
+                                          trainer_class=epoch_states_trainer())
             states = trainer.epoch_states
             hist = st.history
             top = max(range(len(hist)), key=lambda e: hist[e]["val"])
