@@ -1,8 +1,9 @@
-"""The helpers the held-out experiment scripts share (bench/machine.py) and the weight mixing of
-bench/weight_interpolation.py."""
+"""The helpers the held-out experiment scripts share (bench/machine.py), the weight mixing of
+bench/weight_interpolation.py, and the code re-encoding of bench/code_reassign.py."""
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,31 @@ def test_mix_states_interpolates_float_weights_and_keeps_the_rest():
     torch.testing.assert_close(mixed["encoder"]["w"], torch.tensor([0.5, -0.5]))
     assert torch.equal(mixed["encoder"]["ids"], end["encoder"]["ids"]) and mixed["codes"] == "codes"
     assert wi.mix_states(start, {**end, "encoder": None}, 0.5)["encoder"] is None
+
+
+def test_epoch_states_and_code_reassignment_variants():
+    from test_train import make_trainer
+
+    cr = _bench_module("code_reassign")
+    import machine
+
+    base = make_trainer(mode="jpq", epochs=2)
+    kept = machine.epoch_states_trainer()(base.cfg, base.X, base.index, base.train_ids + base.val_ids, base.qrels,
+                                          query_texts=base.query_texts, query_embeddings=base.query_embeddings,
+                                          encoder=base.encoder, progress=False)
+    kept.fit()
+    assert sorted(kept.epoch_states) == [0, 1, 2]
+    assert not torch.equal(kept.epoch_states[0]["centroids"], kept.epoch_states[2]["centroids"])
+    state = kept.epoch_states[2]
+    fixed = cr.reassigned_codes(kept, state, "fixed")
+    assert fixed is state["codes"]
+    index = kept.trained_index()
+    index.centroids = state["centroids"].numpy()
+    fresh = index.encode(kept.X)
+    np.testing.assert_array_equal(cr.reassigned_codes(kept, state, "all"), fresh)
+    unseen = cr.reassigned_codes(kept, state, "unseen")
+    positives = sorted({d for q in kept.train_ids for d in kept.qrels[q]})
+    others = np.setdiff1d(np.arange(len(kept.X)), positives)
+    np.testing.assert_array_equal(unseen[positives], state["codes"][positives])
+    np.testing.assert_array_equal(unseen[others], fresh[others])
+    assert (fresh != state["codes"]).any()  # trained centroids move some documents' nearest code
