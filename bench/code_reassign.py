@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, epoch_states_trainer, write_report  # noqa: E402
-from weight_interpolation import demo_choices  # noqa: E402
+from machine import add_selection_run_args, report_path, selection_runs, write_report  # noqa: E402
 
 VARIANTS = ("fixed", "unseen", "all")
 
@@ -57,26 +56,15 @@ def reassigned_codes(trainer, state: dict, variant: str) -> np.ndarray:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(SCIFACT))
-    ap.add_argument("--embeddings", default=None)
-    ap.add_argument("--demo", default=str(RESULTS / "demo_scifact"),
-                    help="a demo's --out (results.json): its JPQ rows' rate and pseudo-query weight per ratio")
-    ap.add_argument("--ratios", default="96")
-    ap.add_argument("--seeds", default="0,1,2")
+    add_selection_run_args(ap, "code_reassign")
     ap.add_argument("--mode", default="jpq", choices=("jpq", "centroids"))
-    ap.add_argument("--lr-centroids", type=float, default=1e-3)
-    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
-    ap.add_argument("--out", default=None, help="default: bench/results/code_reassign[_DATASET].md")
     args = ap.parse_args(argv)
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio, train_run
-    from jpq.train import TrainConfig
+    from jpq.pipeline import load_workspace
 
     ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
     name = ws.dataset.name
-    out = Path(args.out) if args.out else RESULTS / ("code_reassign.md" if name == "scifact"
-                                                     else f"code_reassign_{name}.md")
-    choices = demo_choices(args.demo)
+    out = report_path(args, "code_reassign", name)
     t_all = time.perf_counter()
     records = []
     lines = [f"# Re-encoding documents with the trained centroids ({name}, {args.mode})", "",
@@ -85,47 +73,41 @@ def main(argv=None):
              "epoch 0 +- standard error. Test split never read.", "",
              "| ratio | seed | " + " | ".join(VARIANTS) + " | re-encoded (unseen / all) |",
              "|---|---|" + "---|" * len(VARIANTS) + "---|"]
-    for ratio in (int(r) for r in args.ratios.split(",")):
-        lr, w = choices.get(ratio, (args.lr_centroids, args.pseudo_query_weight))
-        for seed in (int(s) for s in args.seeds.split(",")):
-            index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
-            cfg = TrainConfig(mode=args.mode, lr_centroids=lr, pseudo_query_weight=w, seed=seed)
-            trainer, secs, st = train_run(ws, cfg, index, None, progress=False, select_only=True,
-                                          trainer_class=epoch_states_trainer())
-            states = trainer.epoch_states
-            rec = {"ratio": ratio, "seed": seed, "lr_centroids": lr, "pseudo_query_weight": w, "seconds": secs,
-                   "epochs": {v: [] for v in VARIANTS}}
-            changed = {}
-            for epoch in sorted(states):
-                for v in VARIANTS:
-                    if v == "fixed":
-                        h = st.history[epoch]
-                        m = {"val": h["val"], "unseen_change": h.get("unseen_change"),
-                             "unseen_se": h.get("unseen_se"), "eligible": h.get("eligible", True)}
-                    else:
-                        codes = reassigned_codes(trainer, states[epoch], v)
-                        changed.setdefault(v, []).append(float((codes != states[epoch]["codes"]).any(1).mean()))
-                        trainer._load_model_state({**states[epoch], "codes": codes})
-                        m = trainer._guard({"epoch": epoch, **trainer._validate()}) if epoch else \
-                            {"val": trainer._validate()["val"], "unseen_change": 0.0, "unseen_se": 0.0,
-                             "eligible": True}
-                        trainer._load_model_state(states[epoch])
-                    rec["epochs"][v].append({"epoch": epoch, "val": m["val"], "unseen_change": m.get("unseen_change"),
-                                             "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)})
-            cells = []
+    for ratio, seed, lr, w, trainer, secs, st in selection_runs(ws, args, mode=args.mode):
+        states = trainer.epoch_states
+        rec = {"ratio": ratio, "seed": seed, "lr_centroids": lr, "pseudo_query_weight": w, "seconds": secs,
+               "epochs": {v: [] for v in VARIANTS}}
+        changed = {}
+        for epoch in sorted(states):
             for v in VARIANTS:
-                allowed = [e for e in rec["epochs"][v] if e["eligible"]]
-                best = max(allowed, key=lambda e: e["val"])
-                rec[v] = best
-                uc = best["unseen_change"]
-                cells.append(f"{best['val']:.4f} ({best['epoch']}" + ("" if uc is None else
-                             f"; {uc:+.3f} +- {best['unseen_se'] or 0:.3f}") + ")")
-            # share of documents whose codes changed, at the last epoch
-            rec["changed_last_epoch"] = {v: c[-1] for v, c in changed.items()}
-            lines.append(f"| {ratio}x | {seed} | " + " | ".join(cells) + " | " +
-                         " / ".join(f"{rec['changed_last_epoch'][v]:.1%}" for v in ("unseen", "all")) + " |")
-            print(lines[-1], flush=True)
-            records.append(rec)
+                if v == "fixed":
+                    h = st.history[epoch]
+                    m = {"val": h["val"], "unseen_change": h.get("unseen_change"),
+                         "unseen_se": h.get("unseen_se"), "eligible": h.get("eligible", True)}
+                else:
+                    codes = reassigned_codes(trainer, states[epoch], v)
+                    changed.setdefault(v, []).append(float((codes != states[epoch]["codes"]).any(1).mean()))
+                    trainer._load_model_state({**states[epoch], "codes": codes})
+                    m = trainer._guard({"epoch": epoch, **trainer._validate()}) if epoch else \
+                        {"val": trainer._validate()["val"], "unseen_change": 0.0, "unseen_se": 0.0,
+                         "eligible": True}
+                    trainer._load_model_state(states[epoch])
+                rec["epochs"][v].append({"epoch": epoch, "val": m["val"], "unseen_change": m.get("unseen_change"),
+                                         "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)})
+        cells = []
+        for v in VARIANTS:
+            allowed = [e for e in rec["epochs"][v] if e["eligible"]]
+            best = max(allowed, key=lambda e: e["val"])
+            rec[v] = best
+            uc = best["unseen_change"]
+            cells.append(f"{best['val']:.4f} ({best['epoch']}" + ("" if uc is None else
+                         f"; {uc:+.3f} +- {best['unseen_se'] or 0:.3f}") + ")")
+        # share of documents whose codes changed, at the last epoch
+        rec["changed_last_epoch"] = {v: c[-1] for v, c in changed.items()}
+        lines.append(f"| {ratio}x | {seed} | " + " | ".join(cells) + " | " +
+                     " / ".join(f"{rec['changed_last_epoch'][v]:.1%}" for v in ("unseen", "all")) + " |")
+        print(lines[-1], flush=True)
+        records.append(rec)
     lines += [""]
     for ratio in sorted({r["ratio"] for r in records}):
         rs = [r for r in records if r["ratio"] == ratio]

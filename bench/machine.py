@@ -185,3 +185,56 @@ def epoch_states_trainer():
             return super()._close_epoch(rec, best_state)
 
     return EpochStatesKept
+
+
+def add_selection_run_args(ap, stem: str) -> None:
+    """The arguments of a script that revisits JPQ's held-out selection runs (`selection_runs`):
+    --data, --embeddings, --demo, --ratios, --seeds, --lr-centroids, --pseudo-query-weight, --out
+    (default bench/results/STEM[_DATASET].md)."""
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=None)
+    ap.add_argument("--demo", default=str(RESULTS / "demo_scifact"),
+                    help="a demo's --out (results.json): its JPQ rows' rate and pseudo-query weight per ratio")
+    ap.add_argument("--ratios", default="96")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr-centroids", type=float, default=1e-3)
+    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
+    ap.add_argument("--out", default=None, help=f"default: bench/results/{stem}[_DATASET].md")
+
+
+def demo_choices(demo_dir: str | None) -> dict:
+    """{ratio: (lr_centroids, pseudo_query_weight)} of the demo's JPQ full rows."""
+    import json
+
+    if not demo_dir:
+        return {}
+    recs = json.loads((Path(demo_dir) / "results.json").read_text())
+    return {int(r["ratio"]): (float(r["lr_centroids"]), float(r.get("pseudo_query_weight", 0.0)))
+            for r in recs if r["method"] == "jpq"}
+
+
+def report_path(args, stem: str, dataset_name: str) -> Path:
+    """--out, else bench/results/STEM.md for SciFact and STEM_DATASET.md for another dataset."""
+    if args.out:
+        return Path(args.out)
+    return RESULTS / (f"{stem}.md" if dataset_name == "scifact" else f"{stem}_{dataset_name}.md")
+
+
+def selection_runs(ws, args, mode: str = "jpq"):
+    """Yield (ratio, seed, lr_centroids, pseudo_query_weight, trainer, seconds, selection) for
+    each --ratios x --seeds: a held-out selection run (no refit) from an OPQ index with that seed,
+    its trainer keeping every epoch's state (`epoch_states_trainer`). Rate and pseudo-query weight
+    per ratio are the --demo JPQ rows', else --lr-centroids / --pseudo-query-weight."""
+    from jpq.pipeline import build_index, m_for_ratio, train_run
+    from jpq.train import TrainConfig
+
+    choices = demo_choices(args.demo)
+    trainer_class = epoch_states_trainer()
+    for ratio in (int(r) for r in args.ratios.split(",")):
+        lr, w = choices.get(ratio, (args.lr_centroids, args.pseudo_query_weight))
+        for seed in (int(s) for s in args.seeds.split(",")):
+            index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
+            cfg = TrainConfig(mode=mode, lr_centroids=lr, pseudo_query_weight=w, seed=seed)
+            trainer, secs, st = train_run(ws, cfg, index, None, progress=False, select_only=True,
+                                          trainer_class=trainer_class)
+            yield ratio, seed, lr, w, trainer, secs, st

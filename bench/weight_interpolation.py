@@ -27,7 +27,6 @@ never read. Writes bench/results/weight_interpolation[_NAME].{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, epoch_states_trainer, write_report  # noqa: E402
+from machine import add_selection_run_args, report_path, selection_runs, write_report  # noqa: E402
 
 
 def mix_states(start: dict, end: dict, alpha: float) -> dict:
@@ -54,40 +53,20 @@ def mix_states(start: dict, end: dict, alpha: float) -> dict:
     return out
 
 
-def demo_choices(demo_dir: str | None) -> dict:
-    """{ratio: (lr_centroids, pseudo_query_weight)} of the demo's JPQ full rows."""
-    if not demo_dir:
-        return {}
-    recs = json.loads((Path(demo_dir) / "results.json").read_text())
-    return {int(r["ratio"]): (float(r["lr_centroids"]), float(r.get("pseudo_query_weight", 0.0)))
-            for r in recs if r["method"] == "jpq"}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(SCIFACT))
-    ap.add_argument("--embeddings", default=None)
-    ap.add_argument("--demo", default=str(RESULTS / "demo_scifact"),
-                    help="a demo's --out (results.json): its JPQ rows' rate and pseudo-query weight per ratio")
-    ap.add_argument("--ratios", default="96")
-    ap.add_argument("--seeds", default="0,1,2")
+    add_selection_run_args(ap, "weight_interpolation")
     ap.add_argument("--alphas", default="0.25,0.5,0.75")
-    ap.add_argument("--lr-centroids", type=float, default=1e-3)
-    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
-    ap.add_argument("--out", default=None, help="default: bench/results/weight_interpolation[_DATASET].md")
     args = ap.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
     if not all(0.0 < a < 1.0 for a in alphas):
         raise ValueError(f"--alphas: expected values strictly between 0 and 1, got {args.alphas}")
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio, train_run
-    from jpq.train import TrainConfig
+    from jpq.pipeline import load_workspace
 
     ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
     name = ws.dataset.name
-    out = Path(args.out) if args.out else RESULTS / ("weight_interpolation.md" if name == "scifact"
-                                                     else f"weight_interpolation_{name}.md")
-    choices = demo_choices(args.demo)
+    out = report_path(args, "weight_interpolation", name)
     t_all = time.perf_counter()
     records = []
     lines = [f"# Weight interpolation toward the start (WiSE-FT) for JPQ full ({name})", "",
@@ -96,44 +75,38 @@ def main(argv=None):
              "blocks it. Test split never read.", "",
              "| ratio | seed | epoch | " + " | ".join(f"alpha {a:g}" for a in alphas + [1.0]) + " |",
              "|---|---|---|" + "---|" * (len(alphas) + 1)]
-    for ratio in (int(r) for r in args.ratios.split(",")):
-        lr, w = choices.get(ratio, (args.lr_centroids, args.pseudo_query_weight))
-        for seed in (int(s) for s in args.seeds.split(",")):
-            index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
-            cfg = TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=w, seed=seed)
-            trainer, secs, st = train_run(ws, cfg, index, None, progress=False, select_only=True,
-                                          trainer_class=epoch_states_trainer())
-            states = trainer.epoch_states
-            hist = st.history
-            top = max(range(len(hist)), key=lambda e: hist[e]["val"])
-            rec = {"ratio": ratio, "seed": seed, "lr_centroids": lr, "pseudo_query_weight": w,
-                   "selected_epoch": st.best_epoch, "best_val_epoch": top, "seconds": secs,
-                   "curve": [h["val"] for h in hist], "mixtures": []}
-            for epoch in sorted({st.best_epoch, top}):
-                if epoch == 0:
-                    continue
-                cells = []
-                for a in alphas + [1.0]:
-                    trainer._load_model_state(mix_states(states[0], states[epoch], a))
-                    m = trainer._guard({"epoch": epoch, **trainer._validate()})
-                    mix = {"epoch": epoch, "alpha": a, "val": m["val"], "unseen_change": m.get("unseen_change"),
-                           "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)}
-                    rec["mixtures"].append(mix)
-                    cells.append(f"{m['val']:.4f}" + ("" if mix["unseen_change"] is None else
-                                 f" ({mix['unseen_change']:+.3f} +- {mix['unseen_se']:.3f})")
-                                 + ("" if mix["eligible"] else " *"))
-                tag = ("selected" if epoch == st.best_epoch else "") + \
-                      ("/" if epoch == st.best_epoch and epoch == top else "") + ("best held-out" if epoch == top else "")
-                lines.append(f"| {ratio}x | {seed} | {epoch} ({tag}) | " + " | ".join(cells) + " |")
-                print(lines[-1], flush=True)
-            allowed = [m for m in rec["mixtures"] if m["eligible"]]
-            rec["demo_val"] = float(st.best_score)
-            best_mix = max(allowed, key=lambda m: m["val"]) if allowed else None
-            rec["mix_val"] = float(st.best_score) if best_mix is None or best_mix["val"] <= st.best_score \
-                else best_mix["val"]
-            rec["mix_choice"] = None if best_mix is None or best_mix["val"] <= st.best_score else \
-                {"epoch": best_mix["epoch"], "alpha": best_mix["alpha"]}
-            records.append(rec)
+    for ratio, seed, lr, w, trainer, secs, st in selection_runs(ws, args):
+        states = trainer.epoch_states
+        hist = st.history
+        top = max(range(len(hist)), key=lambda e: hist[e]["val"])
+        rec = {"ratio": ratio, "seed": seed, "lr_centroids": lr, "pseudo_query_weight": w,
+               "selected_epoch": st.best_epoch, "best_val_epoch": top, "seconds": secs,
+               "curve": [h["val"] for h in hist], "mixtures": []}
+        for epoch in sorted({st.best_epoch, top}):
+            if epoch == 0:
+                continue
+            cells = []
+            for a in alphas + [1.0]:
+                trainer._load_model_state(mix_states(states[0], states[epoch], a))
+                m = trainer._guard({"epoch": epoch, **trainer._validate()})
+                mix = {"epoch": epoch, "alpha": a, "val": m["val"], "unseen_change": m.get("unseen_change"),
+                       "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)}
+                rec["mixtures"].append(mix)
+                cells.append(f"{m['val']:.4f}" + ("" if mix["unseen_change"] is None else
+                             f" ({mix['unseen_change']:+.3f} +- {mix['unseen_se']:.3f})")
+                             + ("" if mix["eligible"] else " *"))
+            tag = ("selected" if epoch == st.best_epoch else "") + \
+                  ("/" if epoch == st.best_epoch and epoch == top else "") + ("best held-out" if epoch == top else "")
+            lines.append(f"| {ratio}x | {seed} | {epoch} ({tag}) | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+        allowed = [m for m in rec["mixtures"] if m["eligible"]]
+        rec["demo_val"] = float(st.best_score)
+        best_mix = max(allowed, key=lambda m: m["val"]) if allowed else None
+        rec["mix_val"] = float(st.best_score) if best_mix is None or best_mix["val"] <= st.best_score \
+            else best_mix["val"]
+        rec["mix_choice"] = None if best_mix is None or best_mix["val"] <= st.best_score else \
+            {"epoch": best_mix["epoch"], "alpha": best_mix["alpha"]}
+        records.append(rec)
     lines += ["", "Selected held-out nDCG@10: the demo's rule (alpha 1 over allowed epochs) vs the best allowed "
               "mixture (it falls back to the demo's when no mixture beats it):", "",
               "| ratio | seed | demo (epoch) | with mixtures (epoch, alpha) | seconds |", "|---|---|---|---|---|"]
