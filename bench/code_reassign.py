@@ -33,25 +33,22 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import add_selection_run_args, report_path, selection_runs, write_report  # noqa: E402
+from machine import add_selection_run_args, guard_fields, report_path, selection_runs, validate_state, write_report  # noqa: E402
 
 VARIANTS = ("fixed", "unseen", "all")
 
 
-def reassigned_codes(trainer, state: dict, variant: str) -> np.ndarray:
-    """The codes of `state` (a JPQTrainer model state) after re-encoding the documents that
-    `variant` names with its centroids."""
+def reassigned_codes(trainer, state: dict) -> dict:
+    """{variant: codes} for `state` (a JPQTrainer model state): "fixed" its own codes, "all" every
+    document re-encoded with its centroids, "unseen" those of documents that are no positive of the
+    trainer's fit queries re-encoded (one encoding serves both)."""
     codes = state["codes"]
-    if variant == "fixed":
-        return codes
     index = trainer.trained_index()
     index.centroids = state["centroids"].numpy().copy()
     fresh = index.encode(trainer.X)
-    if variant == "all":
-        return fresh
     seen = np.zeros(len(codes), bool)
     seen[[d for q in trainer.train_ids for d in trainer.qrels[q]]] = True
-    return np.where(seen[:, None], codes, fresh)
+    return {"fixed": codes, "unseen": np.where(seen[:, None], codes, fresh), "all": fresh}
 
 
 def main(argv=None):
@@ -79,21 +76,15 @@ def main(argv=None):
                "epochs": {v: [] for v in VARIANTS}}
         changed = {}
         for epoch in sorted(states):
+            variant_codes = reassigned_codes(trainer, states[epoch])
             for v in VARIANTS:
-                if v == "fixed":
-                    h = st.history[epoch]
-                    m = {"val": h["val"], "unseen_change": h.get("unseen_change"),
-                         "unseen_se": h.get("unseen_se"), "eligible": h.get("eligible", True)}
+                if v == "fixed":  # scored during training
+                    m = guard_fields(st.history[epoch])
                 else:
-                    codes = reassigned_codes(trainer, states[epoch], v)
+                    codes = variant_codes[v]
                     changed.setdefault(v, []).append(float((codes != states[epoch]["codes"]).any(1).mean()))
-                    trainer._load_model_state({**states[epoch], "codes": codes})
-                    m = trainer._guard({"epoch": epoch, **trainer._validate()}) if epoch else \
-                        {"val": trainer._validate()["val"], "unseen_change": 0.0, "unseen_se": 0.0,
-                         "eligible": True}
-                    trainer._load_model_state(states[epoch])
-                rec["epochs"][v].append({"epoch": epoch, "val": m["val"], "unseen_change": m.get("unseen_change"),
-                                         "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)})
+                    m = validate_state(trainer, {**states[epoch], "codes": codes}, epoch)
+                rec["epochs"][v].append({"epoch": epoch, **m})
         cells = []
         for v in VARIANTS:
             allowed = [e for e in rec["epochs"][v] if e["eligible"]]

@@ -187,6 +187,21 @@ def epoch_states_trainer():
     return EpochStatesKept
 
 
+def guard_fields(rec: dict) -> dict:
+    """val, unseen_change, unseen_se and eligible of a JPQTrainer epoch record (the unseen guard's
+    verdict; an unguarded record is eligible)."""
+    return {"val": rec["val"], "unseen_change": rec.get("unseen_change"), "unseen_se": rec.get("unseen_se"),
+            "eligible": rec.get("eligible", True)}
+
+
+def validate_state(trainer, state: dict, epoch: int) -> dict:
+    """Load `state` (a JPQTrainer model state) into trainer and score it on the held-out queries as
+    epoch `epoch` would be (`guard_fields`; the guard against epoch 0 from epoch 1 on, as in training)."""
+    trainer._load_model_state(state)
+    rec = {"epoch": epoch, **trainer._validate()}
+    return guard_fields(trainer._guard(rec) if epoch else rec)
+
+
 def add_selection_run_args(ap, stem: str) -> None:
     """The arguments of a script that revisits JPQ's held-out selection runs (`selection_runs`):
     --data, --embeddings, --demo, --ratios, --seeds, --lr-centroids, --pseudo-query-weight, --out

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import add_selection_run_args, report_path, selection_runs, write_report  # noqa: E402
+from machine import add_selection_run_args, report_path, selection_runs, validate_state, write_report  # noqa: E402
 
 
 def mix_states(start: dict, end: dict, alpha: float) -> dict:
@@ -87,12 +87,10 @@ def main(argv=None):
                 continue
             cells = []
             for a in alphas + [1.0]:
-                trainer._load_model_state(mix_states(states[0], states[epoch], a))
-                m = trainer._guard({"epoch": epoch, **trainer._validate()})
-                mix = {"epoch": epoch, "alpha": a, "val": m["val"], "unseen_change": m.get("unseen_change"),
-                       "unseen_se": m.get("unseen_se"), "eligible": m.get("eligible", True)}
+                mix = {"epoch": epoch, "alpha": a,
+                       **validate_state(trainer, mix_states(states[0], states[epoch], a), epoch)}
                 rec["mixtures"].append(mix)
-                cells.append(f"{m['val']:.4f}" + ("" if mix["unseen_change"] is None else
+                cells.append(f"{mix['val']:.4f}" + ("" if mix["unseen_change"] is None else
                              f" ({mix['unseen_change']:+.3f} +- {mix['unseen_se']:.3f})")
                              + ("" if mix["eligible"] else " *"))
             tag = ("selected" if epoch == st.best_epoch else "") + \

@@ -73,13 +73,13 @@ def test_epoch_states_and_code_reassignment_variants():
     assert sorted(kept.epoch_states) == [0, 1, 2]
     assert not torch.equal(kept.epoch_states[0]["centroids"], kept.epoch_states[2]["centroids"])
     state = kept.epoch_states[2]
-    fixed = cr.reassigned_codes(kept, state, "fixed")
-    assert fixed is state["codes"]
+    variants = cr.reassigned_codes(kept, state)
+    assert variants["fixed"] is state["codes"]
     index = kept.trained_index()
     index.centroids = state["centroids"].numpy()
     fresh = index.encode(kept.X)
-    np.testing.assert_array_equal(cr.reassigned_codes(kept, state, "all"), fresh)
-    unseen = cr.reassigned_codes(kept, state, "unseen")
+    np.testing.assert_array_equal(variants["all"], fresh)
+    unseen = variants["unseen"]
     positives = sorted({d for q in kept.train_ids for d in kept.qrels[q]})
     others = np.setdiff1d(np.arange(len(kept.X)), positives)
     np.testing.assert_array_equal(unseen[positives], state["codes"][positives])
