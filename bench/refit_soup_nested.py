@@ -1,0 +1,151 @@
+"""Averaging the weights of JPQ runs (a "model soup"): a nested hold-out on the train split.
+
+    python bench/refit_soup_nested.py [--seeds 0,1,2] [--ratio 96]     # ~8 min per seed
+
+Runs fine-tuned from one start (same zero-shot tower, same OPQ centroids, same fixed codes) with
+different data can be averaged weight by weight (Wortsman et al., "Model soups", ICML 2022), which
+often scores above each of them. The demo already trains two such runs per row at no extra cost:
+the selection run (80% of the training queries, epoch count chosen on the other 20%) and the refit
+(all of them, that many epochs). Here, per seed:
+
+  selected   the selection run's selected state (what `--no-refit` keeps);
+  refit      the refit on all queries (what the demo keeps);
+  refit'     a second refit that differs only in its batch order and random draws;
+  soup(s,r)  the mean of selected and refit (free: both exist in every demo run);
+  soup(r,r') the mean of the two refits (one more refit's time);
+  soup(all)  the mean of all three.
+
+JPQ full with the demo's 96x choices (centroid rate 1e-3, pseudo-query weight 1) trains on an
+inner 80% of the train split (`holdout_split`, seed 123) exactly as the demo does on the whole
+split; every state is scored on the outer 20%: nDCG@10 on all outer queries and on those whose
+positives no inner query points to ("unseen", where compression costs most). The test split is
+never read. Runs are cached in --cache (JSON), so an interrupted bench resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+
+VARIANTS = ("selected", "refit", "refit'", "soup(s,r)", "soup(r,r')", "soup(all)")
+
+
+def average_states(states: list[dict]) -> dict:
+    """The weight-by-weight mean of JPQTrainer model states from one start: float tensors
+    (centroids, encoder weights) averaged; codes and integer buffers taken from the first."""
+    def mean(values):
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            return torch.stack(values).mean(0)
+        return first
+
+    out = {"codes": states[0].get("codes")}
+    out["centroids"] = None if states[0]["centroids"] is None else mean([s["centroids"] for s in states])
+    out["encoder"] = None if states[0]["encoder"] is None else {
+        k: mean([s["encoder"][k] for s in states]) for k in states[0]["encoder"]}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=None)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ratio", type=int, default=96)
+    ap.add_argument("--lr-centroids", type=float, default=1e-3)
+    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
+    ap.add_argument("--cache", default=str(RESULTS / "refit_soup_nested.json"))
+    ap.add_argument("--out", default=str(RESULTS / "refit_soup_nested.md"))
+    args = ap.parse_args(argv)
+
+    from jpq.pipeline import build_index, load_workspace, m_for_ratio
+    from jpq.storage import atomic_write_json
+    from jpq.train import JPQTrainer, TrainConfig, holdout_split
+
+    cache = Path(args.cache)
+    res = json.loads(cache.read_text()) if cache.exists() else {}
+    ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
+    qrels = ws.train_qrels_by_row()
+    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
+    ids = [q for q in ws.train_ids() if qrels.get(q)]
+    inner, outer = holdout_split(ids, qrels, 0.2, 123)
+    inner_docs = {d for q in inner for d in qrels[q]}
+    outer_unseen = [q for q in outer if not inner_docs & set(qrels[q])]
+    pseudo = ws.pseudo_query_emb(progress=False) if args.pseudo_query_weight > 0 else None
+    t_all = time.perf_counter()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        key = f"s{seed} {args.ratio}x"
+        if key in res:
+            continue
+        index = build_index(ws.doc_emb, m_for_ratio(ws.d, args.ratio), opq=True, seed=seed)
+
+        def trainer(cfg, order_seed=None):
+            t = JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), inner, qrels, query_texts=ws.query_texts(),
+                           query_embeddings=rows, progress=False, encoder=copy.deepcopy(ws.encoder),
+                           pseudo_queries=pseudo)
+            if order_seed is not None:
+                # after construction the seed only draws batch orders, negatives' noise and dropout
+                # (the hold-out split and the index are fixed by then)
+                t.cfg = dataclasses.replace(cfg, seed=order_seed)
+            return t
+
+        cfg = TrainConfig(mode="jpq", lr_centroids=args.lr_centroids, pseudo_query_weight=args.pseudo_query_weight,
+                          val_fraction=0.25, seed=seed)
+        t0 = time.perf_counter()
+        sel = trainer(cfg)
+        sel.fit()  # loads the selected state
+        best = sel.state.best_epoch
+        r = {"epoch": best, "curve": [round(h["val"], 4) for h in sel.state.history]}
+        states = {"selected": sel._model_state()}
+        if best == 0:
+            r["note"] = "epoch 0 selected: nothing to refit"
+        else:
+            for name, order in (("refit", None), ("refit'", seed + 1000)):
+                ref = trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), order_seed=order)
+                ref.fit()
+                states[name] = ref._model_state()
+            states["soup(s,r)"] = average_states([states["selected"], states["refit"]])
+            states["soup(r,r')"] = average_states([states["refit"], states["refit'"]])
+            states["soup(all)"] = average_states([states["selected"], states["refit"], states["refit'"]])
+        for name, st in states.items():
+            sel._load_model_state(st)
+            per_query = sel.evaluate_ids(outer, metrics=("ndcg@10",), per_query=True)["ndcg@10"]
+            r[name] = {"all": round(float(np.mean(list(per_query.values()))), 4),
+                       "unseen": round(float(np.mean([per_query[q] for q in outer_unseen])), 4)}
+        r["secs"] = round(time.perf_counter() - t0)
+        res[key] = r
+        atomic_write_json(cache, res)
+        print(key, r, flush=True)
+
+    lines = [f"# Weight averaging of JPQ runs (model soups), nested hold-out on {ws.dataset.name}'s train split",
+             "", f"{len(inner)} inner queries (a quarter held out for selection), {len(outer)} outer queries "
+             f"({len(outer_unseen)} unseen: no inner query points to their positives); JPQ full, centroid rate "
+             f"{args.lr_centroids:g}, pseudo-query weight {args.pseudo_query_weight:g}. Each cell: outer nDCG@10 all / "
+             "unseen. The test split is not read.", "",
+             "| run | epochs | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
+    done = [r for r in res.values() if "refit" in r]
+    for key, r in res.items():
+        cells = [f"{r[v]['all']:.4f} / {r[v]['unseen']:.4f}" if v in r else "-" for v in VARIANTS]
+        lines.append(f"| {key} | {r['epoch']} | " + " | ".join(cells) + " |")
+    if done:
+        lines.append(f"| mean ({len(done)}) | | " + " | ".join(
+            f"{np.mean([r[v]['all'] for r in done]):.4f} / {np.mean([r[v]['unseen'] for r in done]):.4f}"
+            for v in VARIANTS) + " |")
+    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s this invocation "
+              f"on {cpu_model()}; runs reused from {cache.name} when present)."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
