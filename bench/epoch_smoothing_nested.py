@@ -14,7 +14,6 @@ Runs are cached in --cache (JSON), so an interrupted bench resumes.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model  # noqa: E402
 
 
 def pick(vals: list[float], eligible: list[bool], patience: int = 3) -> int:
@@ -54,18 +53,14 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "epoch_smoothing_nested.md"))
     args = ap.parse_args(argv)
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio
+    from jpq.pipeline import build_index, m_for_ratio
     from jpq.storage import atomic_write_json
-    from jpq.train import JPQTrainer, TrainConfig, holdout_split
+    from jpq.train import TrainConfig
 
     cache = Path(args.cache)
     res = json.loads(cache.read_text()) if cache.exists() else {}
-    ws = load_workspace(args.data, progress=False)
-    qrels = ws.train_qrels_by_row()
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    ids = [q for q in ws.train_ids() if qrels.get(q)]
-    inner, outer = holdout_split(ids, qrels, 0.2, 123)
-    pseudo = ws.pseudo_query_emb(progress=False)
+    nested = NestedHoldout(args.data)
+    ws, inner, outer = nested.ws, nested.inner, nested.outer
     t_all = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
         key = f"s{seed} {args.ratio}x"
@@ -74,9 +69,7 @@ def main(argv=None):
         index = build_index(ws.doc_emb, m_for_ratio(ws.d, args.ratio), opq=True, seed=seed)
 
         def trainer(cfg):
-            return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), inner, qrels, query_texts=ws.query_texts(),
-                              query_embeddings=rows, progress=False, encoder=copy.deepcopy(ws.encoder),
-                              pseudo_queries=pseudo)
+            return nested.trainer(cfg, index)
 
         cfg = TrainConfig(mode="jpq", lr_centroids=1e-3, pseudo_query_weight=1.0, val_fraction=0.25, seed=seed,
                           patience=20, epochs=20)

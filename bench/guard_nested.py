@@ -17,17 +17,14 @@ interrupted bench resumes.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, SCIFACT_MINILM, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, SCIFACT_MINILM, NestedHoldout, command_line, cpu_model  # noqa: E402
 
 TOLERANCES = (1.0, 0.5, 0.0)
 # the demo's choices on SciFact (seed 0): centroid rate, pseudo-query weight
@@ -64,20 +61,14 @@ def main(argv=None):
     ap.add_argument("--tag", default="scifact", help="names the cache and report: guard_nested_<tag>.{json,md}")
     args = ap.parse_args(argv)
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio
+    from jpq.pipeline import build_index, m_for_ratio
     from jpq.storage import atomic_write_json
-    from jpq.train import JPQTrainer, TrainConfig, holdout_split
+    from jpq.train import TrainConfig
 
     cache, out = RESULTS / f"guard_nested_{args.tag}.json", RESULTS / f"guard_nested_{args.tag}.md"
     res = json.loads(cache.read_text()) if cache.exists() else {}
-    ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
-    qrels = ws.train_qrels_by_row()
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    ids = [q for q in ws.train_ids() if qrels.get(q)]
-    inner, outer = holdout_split(ids, qrels, 0.2, 123)
-    inner_docs = {d for q in inner for d in qrels[q]}
-    outer_unseen = [q for q in outer if not any(d in inner_docs for d in qrels[q])]
-    pseudo = ws.pseudo_query_emb(progress=False)
+    nested = NestedHoldout(args.data, args.embeddings)
+    ws, inner, outer, outer_unseen = nested.ws, nested.inner, nested.outer, nested.outer_unseen
     choices = {r: (args.lr if args.lr is not None else lr, args.weight if args.weight is not None else w)
                for r, (lr, w) in CHOICES.items()}
     t_all = time.perf_counter()
@@ -89,9 +80,7 @@ def main(argv=None):
             index = build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=seed)
 
             def trainer(cfg):
-                return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), inner, qrels, query_texts=ws.query_texts(),
-                                  query_embeddings=rows, progress=False, encoder=copy.deepcopy(ws.encoder),
-                                  pseudo_queries=pseudo)
+                return nested.trainer(cfg, index)
 
             lr, weight = choices[ratio]
             cfg = TrainConfig(mode="jpq", lr_centroids=lr, pseudo_query_weight=weight, val_fraction=0.25,

@@ -253,3 +253,53 @@ def selection_runs(ws, args, mode: str = "jpq"):
             trainer, secs, st = train_run(ws, cfg, index, None, progress=False, select_only=True,
                                           trainer_class=trainer_class)
             yield ratio, seed, lr, w, trainer, secs, st
+
+
+class NestedHoldout:
+    """The nested hold-out of the `*_nested.py` bench scripts: the train split's queries that have
+    positives, cut into an inner 80% (trained and selected on, as the demo does on a whole split)
+    and an outer 20% that is scored (`holdout_split`, `seed`); the test split is never read.
+    `ids`: all of them; `outer_unseen`: the outer queries none of whose positives an inner query
+    points to. Holds the workspace `ws`, the training `qrels` by document row, the zero-shot
+    `query_rows` and, with `pseudo_queries`, the title pseudo-queries."""
+
+    def __init__(self, data, embeddings=None, seed: int = 123, pseudo_queries: bool = True):
+        from jpq.pipeline import load_workspace
+        from jpq.train import holdout_split
+
+        self.ws = ws = load_workspace(data, embeddings=embeddings, progress=False)
+        self.qrels = ws.train_qrels_by_row()
+        self.query_rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
+        self.ids = [q for q in ws.train_ids() if self.qrels.get(q)]
+        self.inner, self.outer = holdout_split(self.ids, self.qrels, 0.2, seed)
+        inner_docs = {d for q in self.inner for d in self.qrels[q]}
+        self.outer_unseen = [q for q in self.outer if not inner_docs & set(self.qrels[q])]
+        self.pseudo = ws.pseudo_query_emb(progress=False) if pseudo_queries else None
+
+    def trainer(self, cfg, index, trainer_class=None, order_seed: int | None = None, encoder: bool = True):
+        """A trainer (`trainer_class`, default JPQTrainer) of `cfg` on the inner queries, from a copy
+        of `index` and of the workspace's encoder (none with encoder=False). `order_seed` replaces
+        cfg.seed once the trainer is built, when the seed no longer picks the hold-out split or
+        the index, only batch orders, sampled documents and dropout."""
+        import copy
+        import dataclasses
+
+        from jpq.train import JPQTrainer
+
+        ws = self.ws
+        t = (trainer_class or JPQTrainer)(
+            cfg, ws.doc_emb, copy.deepcopy(index), self.inner, self.qrels, query_texts=ws.query_texts(),
+            query_embeddings=self.query_rows, progress=False,
+            encoder=copy.deepcopy(ws.encoder) if encoder else None, pseudo_queries=self.pseudo)
+        if order_seed is not None:
+            t.cfg = dataclasses.replace(cfg, seed=order_seed)
+        return t
+
+    def outer_scores(self, trainer, metric: str = "ndcg@10") -> dict:
+        """`metric` of the trainer's current state on the outer queries: {"all": mean over all of
+        them, "unseen": mean over `outer_unseen`}, rounded to 4 digits."""
+        import numpy as np
+
+        per_query = trainer.evaluate_ids(self.outer, metrics=(metric,), per_query=True)[metric]
+        return {"all": round(float(np.mean(list(per_query.values()))), 4),
+                "unseen": round(float(np.mean([per_query[q] for q in self.outer_unseen])), 4)}

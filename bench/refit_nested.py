@@ -11,14 +11,13 @@ included). The test split is never read. Writes bench/results/refit_nested.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, NestedHoldout, cpu_model  # noqa: E402
 
 
 def main(argv=None):
@@ -27,15 +26,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=123)
     args = ap.parse_args(argv)
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio
-    from jpq.train import JPQTrainer, TrainConfig, holdout_split
+    from jpq.pipeline import build_index, m_for_ratio
+    from jpq.train import TrainConfig
     from jpq.tree import TreeConfig, build_and_train_tree, qrels_to_rows
 
-    ws = load_workspace(args.data, progress=False)
-    qrels = ws.train_qrels_by_row()
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    ids = [q for q in ws.train_ids() if qrels.get(q)]
-    inner, outer = holdout_split(ids, qrels, 0.2, args.seed)
+    nested = NestedHoldout(args.data, seed=args.seed, pseudo_queries=False)
+    ws, ids, inner, outer = nested.ws, nested.ids, nested.inner, nested.outer
     lines = [f"# Refit or not: nested hold-out on {ws.dataset.name}'s train split", "",
              f"{len(inner)} queries to train and select on (a quarter held out for selection), "
              f"{len(outer)} outer queries scored; nDCG@10 on the outer queries. The test split is not read.", "",
@@ -47,9 +43,7 @@ def main(argv=None):
         index = None if ratio is None else build_index(ws.doc_emb, m_for_ratio(ws.d, ratio), opq=True, seed=0)
 
         def trainer(cfg):
-            return JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), inner, qrels, query_texts=ws.query_texts(),
-                              query_embeddings=rows, progress=False,
-                              encoder=copy.deepcopy(ws.encoder) if mode != "centroids" else None)
+            return nested.trainer(cfg, index, encoder=mode != "centroids")
         cfg = TrainConfig(mode=mode, lr_centroids=lr, val_fraction=0.25)
         sel = trainer(cfg)
         sel.fit()

@@ -24,7 +24,6 @@ never read. Runs are cached in --cache (JSON), so an interrupted bench resumes.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model  # noqa: E402
 
 VARIANTS = ("selected", "refit", "refit'", "soup(s,r)", "soup(r,r')", "soup(all)")
 
@@ -68,20 +67,14 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "refit_soup_nested.md"))
     args = ap.parse_args(argv)
 
-    from jpq.pipeline import build_index, load_workspace, m_for_ratio
+    from jpq.pipeline import build_index, m_for_ratio
     from jpq.storage import atomic_write_json
-    from jpq.train import JPQTrainer, TrainConfig, holdout_split
+    from jpq.train import TrainConfig
 
     cache = Path(args.cache)
     res = json.loads(cache.read_text()) if cache.exists() else {}
-    ws = load_workspace(args.data, embeddings=args.embeddings, progress=False)
-    qrels = ws.train_qrels_by_row()
-    rows = dict(zip(ws.dataset.query_ids, ws.query_emb))
-    ids = [q for q in ws.train_ids() if qrels.get(q)]
-    inner, outer = holdout_split(ids, qrels, 0.2, 123)
-    inner_docs = {d for q in inner for d in qrels[q]}
-    outer_unseen = [q for q in outer if not inner_docs & set(qrels[q])]
-    pseudo = ws.pseudo_query_emb(progress=False) if args.pseudo_query_weight > 0 else None
+    nested = NestedHoldout(args.data, args.embeddings, pseudo_queries=args.pseudo_query_weight > 0)
+    ws = nested.ws
     t_all = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
         key = f"s{seed} {args.ratio}x"
@@ -89,20 +82,10 @@ def main(argv=None):
             continue
         index = build_index(ws.doc_emb, m_for_ratio(ws.d, args.ratio), opq=True, seed=seed)
 
-        def trainer(cfg, order_seed=None):
-            t = JPQTrainer(cfg, ws.doc_emb, copy.deepcopy(index), inner, qrels, query_texts=ws.query_texts(),
-                           query_embeddings=rows, progress=False, encoder=copy.deepcopy(ws.encoder),
-                           pseudo_queries=pseudo)
-            if order_seed is not None:
-                # after construction the seed only draws batch orders, negatives' noise and dropout
-                # (the hold-out split and the index are fixed by then)
-                t.cfg = dataclasses.replace(cfg, seed=order_seed)
-            return t
-
         cfg = TrainConfig(mode="jpq", lr_centroids=args.lr_centroids, pseudo_query_weight=args.pseudo_query_weight,
                           val_fraction=0.25, seed=seed)
         t0 = time.perf_counter()
-        sel = trainer(cfg)
+        sel = nested.trainer(cfg, index)
         sel.fit()  # loads the selected state
         best = sel.state.best_epoch
         r = {"epoch": best, "curve": [round(h["val"], 4) for h in sel.state.history]}
@@ -111,7 +94,7 @@ def main(argv=None):
             r["note"] = "epoch 0 selected: nothing to refit"
         else:
             for name, order in (("refit", None), ("refit'", seed + 1000)):
-                ref = trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), order_seed=order)
+                ref = nested.trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), index, order_seed=order)
                 ref.fit()
                 states[name] = ref._model_state()
             states["soup(s,r)"] = average_states([states["selected"], states["refit"]])
@@ -119,17 +102,15 @@ def main(argv=None):
             states["soup(all)"] = average_states([states["selected"], states["refit"], states["refit'"]])
         for name, st in states.items():
             sel._load_model_state(st)
-            per_query = sel.evaluate_ids(outer, metrics=("ndcg@10",), per_query=True)["ndcg@10"]
-            r[name] = {"all": round(float(np.mean(list(per_query.values()))), 4),
-                       "unseen": round(float(np.mean([per_query[q] for q in outer_unseen])), 4)}
+            r[name] = nested.outer_scores(sel)
         r["secs"] = round(time.perf_counter() - t0)
         res[key] = r
         atomic_write_json(cache, res)
         print(key, r, flush=True)
 
     lines = [f"# Weight averaging of JPQ runs (model soups), nested hold-out on {ws.dataset.name}'s train split",
-             "", f"{len(inner)} inner queries (a quarter held out for selection), {len(outer)} outer queries "
-             f"({len(outer_unseen)} unseen: no inner query points to their positives); JPQ full, centroid rate "
+             "", f"{len(nested.inner)} inner queries (a quarter held out for selection), {len(nested.outer)} outer "
+             f"queries ({len(nested.outer_unseen)} unseen: no inner query points to their positives); JPQ full, centroid rate "
              f"{args.lr_centroids:g}, pseudo-query weight {args.pseudo_query_weight:g}. Each cell: outer nDCG@10 all / "
              "unseen. The test split is not read.", "",
              "| run | epochs | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
