@@ -85,3 +85,40 @@ def test_epoch_states_and_code_reassignment_variants():
     np.testing.assert_array_equal(unseen[positives], state["codes"][positives])
     np.testing.assert_array_equal(unseen[others], fresh[others])
     assert (fresh != state["codes"]).any()  # trained centroids move some documents' nearest code
+
+
+def test_average_states_means_float_weights_and_keeps_the_rest():
+    soup = _bench_module("refit_soup_nested")
+    states = [{"centroids": torch.full((2, 3), v), "codes": "codes",
+               "encoder": {"w": torch.tensor([v, -v]), "ids": torch.tensor([int(v), 1])}} for v in (1.0, 2.0, 6.0)]
+    mean = soup.average_states(states)
+    torch.testing.assert_close(mean["centroids"], torch.full((2, 3), 3.0))
+    torch.testing.assert_close(mean["encoder"]["w"], torch.tensor([3.0, -3.0]))
+    assert torch.equal(mean["encoder"]["ids"], states[0]["encoder"]["ids"]) and mean["codes"] == "codes"
+    assert soup.average_states([{**s, "encoder": None} for s in states])["encoder"] is None
+    # averaging one state's copies gives it back
+    torch.testing.assert_close(soup.average_states(states[:1] * 2)["centroids"], states[0]["centroids"])
+
+
+def test_decayed_trainer_lowers_both_rates_linearly_per_epoch():
+    from test_train import make_trainer
+
+    sched = _bench_module("refit_schedule_nested")
+    base = make_trainer(mode="jpq", epochs=4)
+    seen = []
+
+    class Recording(sched.decayed_trainer()):
+        def step(self, ids):
+            seen.append(tuple(g["lr"] for g in self.optimizer.param_groups))
+            return super().step(ids)
+
+    t = Recording(base.cfg, base.X, base.index, base.train_ids + base.val_ids, base.qrels,
+                  query_texts=base.query_texts, query_embeddings=base.query_embeddings, encoder=base.encoder,
+                  progress=False)
+    initial = [g["lr"] for g in t.optimizer.param_groups]
+    assert len(initial) == 2  # centroids and query tower
+    t.fit()
+    per_epoch = sorted(set(seen), reverse=True)
+    assert len(per_epoch) == t.state.epoch  # one pair of rates per epoch run
+    for e, rates in enumerate(per_epoch, start=1):
+        assert rates == pytest.approx([lr * (4 - e + 0.5) / 4 for lr in initial])
