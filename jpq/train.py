@@ -101,7 +101,11 @@ class TrainConfig:
     bucket_by_length: bool = True
     # after the epoch count is selected on the held-out queries, train again from the start on
     # all training queries for that many epochs (the held-out fifth carries positives that test
-    # queries share: on SciFact, nested hold-out, +0.03-0.04 nDCG@10 over the selected run)
+    # queries share: on SciFact, nested hold-out, +0.03-0.04 nDCG@10 over the selected run). At
+    # 96x, refitting round(0.75 x) or round(1.5 x) that many epochs moved the outer score less than
+    # the batch order alone does (about 0.01), rates decayed to 0 over the refit lost 0.015 (over
+    # twice the epochs: level), and averaging its weights with the selected run's or a second
+    # refit's did not beat it (bench/results/refit_schedule_nested.md, refit_soup_nested.md)
     refit: bool = True
     # Selection guard for documents no training query points to. Held-out queries none of whose
     # positives is a positive of a kept training query ("unseen" ones) must not lose, on average,
