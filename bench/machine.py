@@ -187,6 +187,24 @@ def epoch_states_trainer():
     return EpochStatesKept
 
 
+def combine_states(states: list[dict], combine) -> dict:
+    """One JPQTrainer model state from several of one run's start (same codes, same tower): each
+    float tensor (centroids, encoder weights) is `combine(list of that tensor across states)`;
+    the codes and integer buffers, which training never changes, are taken from the last state.
+    A part that is None in the last state (no trained encoder) stays None."""
+    import torch
+
+    def part(values):
+        last = values[-1]
+        return combine(values) if isinstance(last, torch.Tensor) and last.is_floating_point() else last
+
+    last = states[-1]
+    return {"codes": last.get("codes"),
+            "centroids": None if last["centroids"] is None else part([s["centroids"] for s in states]),
+            "encoder": None if last["encoder"] is None else {
+                k: part([s["encoder"][k] for s in states]) for k in last["encoder"]}}
+
+
 def guard_fields(rec: dict) -> dict:
     """val, unseen_change, unseen_se and eligible of a JPQTrainer epoch record (the unseen guard's
     verdict; an unguarded record is eligible)."""

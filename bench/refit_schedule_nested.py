@@ -116,7 +116,8 @@ def main(argv=None):
              "", f"{len(nested.inner)} inner queries, {len(nested.outer)} outer queries "
              f"({len(nested.outer_unseen)} unseen: no inner query points to their positives); JPQ full at "
              f"{args.ratio}x, centroid rate {args.lr_centroids:g}, pseudo-query weight {args.pseudo_query_weight:g}; "
-             "E = the selection run's epoch count. Each cell: outer nDCG@10 all / unseen. The test split is not read.", "",
+             "E = the selection run's epoch count. Each cell: outer nDCG@10 all / unseen. The test split is not "
+             "read.", "",
              "| run | E | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
     for key, r in res.items():
         lines.append(f"| {key} | {r['epoch']} | " + " | ".join(

@@ -34,25 +34,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, NestedHoldout, combine_states, command_line, cpu_model  # noqa: E402
 
 VARIANTS = ("selected", "refit", "refit'", "soup(s,r)", "soup(r,r')", "soup(all)")
 
 
 def average_states(states: list[dict]) -> dict:
-    """The weight-by-weight mean of JPQTrainer model states from one start: float tensors
-    (centroids, encoder weights) averaged; codes and integer buffers taken from the first."""
-    def mean(values):
-        first = values[0]
-        if isinstance(first, torch.Tensor) and first.is_floating_point():
-            return torch.stack(values).mean(0)
-        return first
-
-    out = {"codes": states[0].get("codes")}
-    out["centroids"] = None if states[0]["centroids"] is None else mean([s["centroids"] for s in states])
-    out["encoder"] = None if states[0]["encoder"] is None else {
-        k: mean([s["encoder"][k] for s in states]) for k in states[0]["encoder"]}
-    return out
+    """The weight-by-weight mean of JPQTrainer model states from one start (`combine_states`)."""
+    return combine_states(states, lambda values: torch.stack(values).mean(0))
 
 
 def main(argv=None):
@@ -110,9 +99,9 @@ def main(argv=None):
 
     lines = [f"# Weight averaging of JPQ runs (model soups), nested hold-out on {ws.dataset.name}'s train split",
              "", f"{len(nested.inner)} inner queries (a quarter held out for selection), {len(nested.outer)} outer "
-             f"queries ({len(nested.outer_unseen)} unseen: no inner query points to their positives); JPQ full, centroid rate "
-             f"{args.lr_centroids:g}, pseudo-query weight {args.pseudo_query_weight:g}. Each cell: outer nDCG@10 all / "
-             "unseen. The test split is not read.", "",
+             f"queries ({len(nested.outer_unseen)} unseen: no inner query points to their positives); JPQ full, "
+             f"centroid rate {args.lr_centroids:g}, pseudo-query weight {args.pseudo_query_weight:g}. Each cell: "
+             "outer nDCG@10 all / unseen. The test split is not read.", "",
              "| run | epochs | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
     done = [r for r in res.values() if "refit" in r]
     for key, r in res.items():

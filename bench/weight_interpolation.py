@@ -32,25 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import add_selection_run_args, report_path, selection_runs, validate_state, write_report  # noqa: E402
+from machine import (add_selection_run_args, combine_states, report_path, selection_runs,  # noqa: E402
+                     validate_state, write_report)
 
 
 def mix_states(start: dict, end: dict, alpha: float) -> dict:
     """start + alpha * (end - start) for the float tensors of a JPQTrainer model state (centroids,
     encoder weights); integer buffers and the codes are taken from `end` (they never change)."""
-    def lerp(a, b):
-        if isinstance(b, torch.Tensor) and b.is_floating_point():
-            return a + alpha * (b - a)
-        return b
-
-    out = {"codes": end.get("codes")}
-    out["centroids"] = None if end["centroids"] is None else lerp(start["centroids"], end["centroids"])
-    out["encoder"] = None if end["encoder"] is None else {k: lerp(start["encoder"][k], v)
-                                                           for k, v in end["encoder"].items()}
-    return out
+    return combine_states([start, end], lambda pair: pair[0] + alpha * (pair[1] - pair[0]))
 
 
 def main(argv=None):

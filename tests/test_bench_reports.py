@@ -94,7 +94,7 @@ def test_average_states_means_float_weights_and_keeps_the_rest():
     mean = soup.average_states(states)
     torch.testing.assert_close(mean["centroids"], torch.full((2, 3), 3.0))
     torch.testing.assert_close(mean["encoder"]["w"], torch.tensor([3.0, -3.0]))
-    assert torch.equal(mean["encoder"]["ids"], states[0]["encoder"]["ids"]) and mean["codes"] == "codes"
+    assert torch.equal(mean["encoder"]["ids"], states[-1]["encoder"]["ids"]) and mean["codes"] == "codes"
     assert soup.average_states([{**s, "encoder": None} for s in states])["encoder"] is None
     # averaging one state's copies gives it back
     torch.testing.assert_close(soup.average_states(states[:1] * 2)["centroids"], states[0]["centroids"])
