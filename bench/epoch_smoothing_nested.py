@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model  # noqa: E402
+from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model, read_cache  # noqa: E402
 
 
 def pick(vals: list[float], eligible: list[bool], patience: int = 3) -> int:
@@ -58,7 +57,7 @@ def main(argv=None):
     from jpq.train import TrainConfig
 
     cache = Path(args.cache)
-    res = json.loads(cache.read_text()) if cache.exists() else {}
+    res = read_cache(cache)
     nested = NestedHoldout(args.data)
     ws, inner, outer = nested.ws, nested.inner, nested.outer
     t_all = time.perf_counter()

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, SCIFACT_MINILM, NestedHoldout, command_line, cpu_model  # noqa: E402
+from machine import (RESULTS, SCIFACT, SCIFACT_MINILM, NestedHoldout, command_line, cpu_model,  # noqa: E402
+                     read_cache)
 
 TOLERANCES = (1.0, 0.5, 0.0)
 # the demo's choices on SciFact (seed 0): centroid rate, pseudo-query weight
@@ -66,7 +66,7 @@ def main(argv=None):
     from jpq.train import TrainConfig
 
     cache, out = RESULTS / f"guard_nested_{args.tag}.json", RESULTS / f"guard_nested_{args.tag}.md"
-    res = json.loads(cache.read_text()) if cache.exists() else {}
+    res = read_cache(cache)
     nested = NestedHoldout(args.data, args.embeddings)
     ws, inner, outer, outer_unseen = nested.ws, nested.inner, nested.outer, nested.outer_unseen
     choices = {r: (args.lr if args.lr is not None else lr, args.weight if args.weight is not None else w)

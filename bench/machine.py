@@ -273,6 +273,28 @@ def selection_runs(ws, args, mode: str = "jpq"):
             yield ratio, seed, lr, w, trainer, secs, st
 
 
+def add_nested_run_args(ap, stem: str) -> None:
+    """The arguments of a nested hold-out script over JPQ full runs (`NestedHoldout`): --data,
+    --embeddings, --seeds, --ratio, --lr-centroids and --pseudo-query-weight (the demo's 96x
+    choices by default), --cache (bench/results/STEM.json) and --out (bench/results/STEM.md)."""
+    ap.add_argument("--data", default=str(SCIFACT))
+    ap.add_argument("--embeddings", default=None)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ratio", type=int, default=96)
+    ap.add_argument("--lr-centroids", type=float, default=1e-3)
+    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
+    ap.add_argument("--cache", default=str(RESULTS / f"{stem}.json"))
+    ap.add_argument("--out", default=str(RESULTS / f"{stem}.md"))
+
+
+def read_cache(path) -> dict:
+    """A bench script's JSON cache of finished runs: its contents, or {} when there is none yet."""
+    import json
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class NestedHoldout:
     """The nested hold-out of the `*_nested.py` bench scripts: the train split's queries that have
     positives, cut into an inner 80% (trained and selected on, as the demo does on a whole split)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model  # noqa: E402
+from machine import (RESULTS, NestedHoldout, add_nested_run_args, command_line, cpu_model,  # noqa: E402
+                     read_cache)
 
 # name: (epochs as a multiple of E, rates decayed linearly to 0 over them)
 VARIANTS = {"constant": (1.0, False), "step-matched": (0.75, False), "constant 1.5x": (1.5, False),
@@ -57,15 +57,8 @@ def decayed_trainer():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(SCIFACT))
-    ap.add_argument("--embeddings", default=None)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--ratio", type=int, default=96)
-    ap.add_argument("--lr-centroids", type=float, default=1e-3)
-    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
+    add_nested_run_args(ap, "refit_schedule_nested")
     ap.add_argument("--soup-cache", default=str(RESULTS / "refit_soup_nested.json"))
-    ap.add_argument("--cache", default=str(RESULTS / "refit_schedule_nested.json"))
-    ap.add_argument("--out", default=str(RESULTS / "refit_schedule_nested.md"))
     args = ap.parse_args(argv)
 
     from jpq.pipeline import build_index, m_for_ratio
@@ -73,9 +66,8 @@ def main(argv=None):
     from jpq.train import TrainConfig
 
     cache = Path(args.cache)
-    res = json.loads(cache.read_text()) if cache.exists() else {}
-    soup = Path(args.soup_cache)
-    soup = json.loads(soup.read_text()) if soup.exists() else {}
+    res = read_cache(cache)
+    soup = read_cache(args.soup_cache)
     nested = NestedHoldout(args.data, args.embeddings, pseudo_queries=args.pseudo_query_weight > 0)
     ws = nested.ws
     t_all = time.perf_counter()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, NestedHoldout, combine_states, command_line, cpu_model  # noqa: E402
+from machine import (NestedHoldout, add_nested_run_args, combine_states, command_line,  # noqa: E402
+                     cpu_model, read_cache)
 
 VARIANTS = ("selected", "refit", "refit'", "soup(s,r)", "soup(r,r')", "soup(all)")
 
@@ -46,14 +46,7 @@ def average_states(states: list[dict]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(SCIFACT))
-    ap.add_argument("--embeddings", default=None)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--ratio", type=int, default=96)
-    ap.add_argument("--lr-centroids", type=float, default=1e-3)
-    ap.add_argument("--pseudo-query-weight", type=float, default=1.0)
-    ap.add_argument("--cache", default=str(RESULTS / "refit_soup_nested.json"))
-    ap.add_argument("--out", default=str(RESULTS / "refit_soup_nested.md"))
+    add_nested_run_args(ap, "refit_soup_nested")
     args = ap.parse_args(argv)
 
     from jpq.pipeline import build_index, m_for_ratio
@@ -61,7 +54,7 @@ def main(argv=None):
     from jpq.train import TrainConfig
 
     cache = Path(args.cache)
-    res = json.loads(cache.read_text()) if cache.exists() else {}
+    res = read_cache(cache)
     nested = NestedHoldout(args.data, args.embeddings, pseudo_queries=args.pseudo_query_weight > 0)
     ws = nested.ws
     t_all = time.perf_counter()
