@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, SCIFACT, NestedHoldout, command_line, cpu_model, read_cache  # noqa: E402
+from machine import RESULTS, SCIFACT, NestedHoldout, read_cache, write_cached_report  # noqa: E402
 
 
 def pick(vals: list[float], eligible: list[bool], patience: int = 3) -> int:
@@ -102,10 +102,7 @@ def main(argv=None):
                      f"{r['outer_B'] - r['outer_A']:+.4f} |")
     lines += ["", "Held-out curves (epoch 0 = the initial index and tower):", ""]
     lines += [f"- {key}: {' '.join(f'{v:.3f}' for v in r['curve'])}" for key, r in res.items()]
-    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s this invocation "
-              f"on {cpu_model()}; runs reused from {Path(args.cache).name} when present)."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_cached_report(args.out, lines, __file__, argv, t_all, Path(args.cache).name)
 
 
 if __name__ == "__main__":

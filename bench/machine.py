@@ -295,6 +295,34 @@ def read_cache(path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def outer_score_rows(res: dict, variants, first_cell: str = "epoch") -> list[str]:
+    """Table rows of a nested hold-out report: per run in `res` (key -> record), its `first_cell`
+    field and each variant's `NestedHoldout.outer_scores` as "all / unseen" ("-" when missing),
+    then their means over the runs that have every variant."""
+    import numpy as np
+
+    lines = []
+    for key, r in res.items():
+        lines.append(f"| {key} | {r[first_cell]} | " + " | ".join(
+            f"{r[v]['all']:.4f} / {r[v]['unseen']:.4f}" if v in r else "-" for v in variants) + " |")
+    done = [r for r in res.values() if all(v in r for v in variants)]
+    if done:
+        lines.append(f"| mean ({len(done)}) | | " + " | ".join(
+            f"{np.mean([r[v]['all'] for r in done]):.4f} / {np.mean([r[v]['unseen'] for r in done]):.4f}"
+            for v in variants) + " |")
+    return lines
+
+
+def write_cached_report(out, lines: list[str], script: str, argv: list[str] | None, started: float, caches: str):
+    """Close a report of a script that caches its runs with the command line, this invocation's
+    run time (`started`: time.perf_counter() at its start) and where runs were reused from
+    (`caches`), write it to `out` and say so."""
+    lines = [*lines, "", f"Command: `{command_line(script, argv)}` ({time.perf_counter() - started:.0f} s this "
+                         f"invocation on {cpu_model()}; runs reused from {caches} when present)."]
+    Path(out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
 class NestedHoldout:
     """The nested hold-out of the `*_nested.py` bench scripts: the train split's queries that have
     positives, cut into an inner 80% (trained and selected on, as the demo does on a whole split)

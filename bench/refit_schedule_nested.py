@@ -29,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (RESULTS, NestedHoldout, add_nested_run_args, command_line, cpu_model,  # noqa: E402
-                     read_cache)
+from machine import (RESULTS, NestedHoldout, add_nested_run_args, outer_score_rows,  # noqa: E402
+                     read_cache, write_cached_report)
 
 # name: (epochs as a multiple of E, rates decayed linearly to 0 over them)
 VARIANTS = {"constant": (1.0, False), "step-matched": (0.75, False), "constant 1.5x": (1.5, False),
@@ -111,19 +110,9 @@ def main(argv=None):
              "E = the selection run's epoch count. Each cell: outer nDCG@10 all / unseen. The test split is not "
              "read.", "",
              "| run | E | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
-    for key, r in res.items():
-        lines.append(f"| {key} | {r['epoch']} | " + " | ".join(
-            f"{r[v]['all']:.4f} / {r[v]['unseen']:.4f}" if v in r else "-" for v in VARIANTS) + " |")
-    done = [r for r in res.values() if all(v in r for v in VARIANTS)]
-    if done:
-        lines.append(f"| mean ({len(done)}) | | " + " | ".join(
-            f"{np.mean([r[v]['all'] for r in done]):.4f} / {np.mean([r[v]['unseen'] for r in done]):.4f}"
-            for v in VARIANTS) + " |")
-    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s this invocation "
-              f"on {cpu_model()}; runs reused from {cache.name} when present, constant refits from "
-              f"{Path(args.soup_cache).name})."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    lines += outer_score_rows(res, VARIANTS)
+    write_cached_report(args.out, lines, __file__, argv, t_all,
+                        f"{cache.name}, constant refits from {Path(args.soup_cache).name}")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (NestedHoldout, add_nested_run_args, combine_states, command_line,  # noqa: E402
-                     cpu_model, read_cache)
+from machine import (NestedHoldout, add_nested_run_args, combine_states, outer_score_rows,  # noqa: E402
+                     read_cache, write_cached_report)
 
 VARIANTS = ("selected", "refit", "refit'", "soup(s,r)", "soup(r,r')", "soup(all)")
 
@@ -96,18 +95,8 @@ def main(argv=None):
              f"centroid rate {args.lr_centroids:g}, pseudo-query weight {args.pseudo_query_weight:g}. Each cell: "
              "outer nDCG@10 all / unseen. The test split is not read.", "",
              "| run | epochs | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
-    done = [r for r in res.values() if "refit" in r]
-    for key, r in res.items():
-        cells = [f"{r[v]['all']:.4f} / {r[v]['unseen']:.4f}" if v in r else "-" for v in VARIANTS]
-        lines.append(f"| {key} | {r['epoch']} | " + " | ".join(cells) + " |")
-    if done:
-        lines.append(f"| mean ({len(done)}) | | " + " | ".join(
-            f"{np.mean([r[v]['all'] for r in done]):.4f} / {np.mean([r[v]['unseen'] for r in done]):.4f}"
-            for v in VARIANTS) + " |")
-    lines += ["", f"Command: `{command_line(__file__, argv)}` ({time.perf_counter() - t_all:.0f} s this invocation "
-              f"on {cpu_model()}; runs reused from {cache.name} when present)."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    lines += outer_score_rows(res, VARIANTS)
+    write_cached_report(args.out, lines, __file__, argv, t_all, cache.name)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,18 @@ def test_decayed_trainer_lowers_both_rates_linearly_per_epoch():
     assert len(per_epoch) == t.state.epoch  # one pair of rates per epoch run
     for e, rates in enumerate(per_epoch, start=1):
         assert rates == pytest.approx([lr * (4 - e + 0.5) / 4 for lr in initial])
+
+
+def test_outer_score_rows_show_missing_variants_and_average_complete_runs():
+    _bench_module("refit_soup_nested")  # bench/ on sys.path
+    import machine
+
+    res = {"s0": {"epoch": 3, "a": {"all": 0.5, "unseen": 0.25}, "b": {"all": 0.7, "unseen": 0.5}},
+           "s1": {"epoch": 5, "a": {"all": 0.7, "unseen": 0.75}, "b": {"all": 0.9, "unseen": 0.5}},
+           "s2": {"epoch": 0, "a": {"all": 0.1, "unseen": 0.0}}}
+    assert machine.outer_score_rows(res, ("a", "b")) == [
+        "| s0 | 3 | 0.5000 / 0.2500 | 0.7000 / 0.5000 |",
+        "| s1 | 5 | 0.7000 / 0.7500 | 0.9000 / 0.5000 |",
+        "| s2 | 0 | 0.1000 / 0.0000 | - |",
+        "| mean (2) | | 0.6000 / 0.5000 | 0.8000 / 0.5000 |"]
+    assert machine.outer_score_rows({"s2": res["s2"]}, ("a", "b")) == ["| s2 | 0 | 0.1000 / 0.0000 | - |"]
