@@ -137,3 +137,19 @@ def test_outer_score_rows_show_missing_variants_and_average_complete_runs():
         "| s2 | 0 | 0.1000 / 0.0000 | - |",
         "| mean (2) | | 0.6000 / 0.5000 | 0.8000 / 0.5000 |"]
     assert machine.outer_score_rows({"s2": res["s2"]}, ("a", "b")) == ["| s2 | 0 | 0.1000 / 0.0000 | - |"]
+
+
+def test_tower_rate_rows_average_both_refits_over_seeds_with_every_rate():
+    bench = _bench_module("tower_rate_nested")
+
+    def run(a, b, epoch=3):
+        return {"epoch": epoch, "selected": {"all": 0.0, "unseen": 0.0},
+                "refit": {"all": a, "unseen": a / 2}, "refit'": {"all": b, "unseen": b / 2}}
+
+    key = bench.run_key
+    assert key(0, "jpq", 96, 2e-5) == "s0 96x lr 2e-05" and key(1, "encoder", 96, 1e-5) == "s1 encoder lr 1e-05"
+    res = {key(0, "jpq", 96, 1e-5): run(0.7, 0.8), key(0, "jpq", 96, 2e-5): run(0.6, 0.6, 5),
+           key(1, "jpq", 96, 1e-5): run(0.5, 0.5)}  # seed 1 lacks 2e-5: shown, not averaged
+    rows = bench.rate_rows(res, [1e-5, 2e-5], [0, 1], "jpq", 96)
+    assert rows[2] == "| 1e-05 | 0.7500 / 0.3750 | 0.5000 / 0.2500 | 0.7500 / 0.3750 | 3, 3 |"
+    assert rows[3] == "| 2e-05 | 0.6000 / 0.3000 | - | 0.6000 / 0.3000 | 5 |"
