@@ -535,6 +535,9 @@ class PQIndex(VectorIndexInput):
         opq = faiss.OPQMatrix(self.d, self.M)
         faiss.copy_array_to_vector(self.rotation.ravel(), opq.A)
         opq.is_trained = True
+        # the rotation is orthonormal (train_opq, from_faiss check it): without the flag faiss refuses
+        # reverse_transform, so the exported index could search but not reconstruct or sa_decode
+        opq.is_orthonormal = True
         out = faiss.IndexPreTransform(opq, pq_index)
         out.is_trained = True
         out.ntotal = self.ntotal  # faiss' Python wrapper keeps opq and pq_index alive
@@ -554,6 +557,8 @@ class PQIndex(VectorIndexInput):
                 raise ValueError(f"unsupported transform {type(vt).__name__}: need a square linear one")
             if vt.have_bias:
                 raise ValueError("linear transforms with a bias are not supported")
+            if not vt.is_trained:
+                raise ValueError(f"the index's {type(vt).__name__} is not trained: train the faiss index first")
             rotation = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in).astype(np.float32)
             # decode inverts the rotation by its transpose: only right for an orthonormal matrix
             err = float(np.abs(rotation.astype(np.float64) @ rotation.T - np.eye(vt.d_in)).max())

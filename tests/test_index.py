@@ -142,6 +142,11 @@ def test_faiss_round_trip_identical_topk(data, metric, opq, nbits):
     assert back.metric == metric and back.nbits == nbits and back.opq == opq
     D2, I2 = back.search(q, 10)
     np.testing.assert_array_equal(I2, I)
+    # the exported index reconstructs and decodes as jpq does (faiss' reverse transform needs the
+    # rotation marked orthonormal)
+    np.testing.assert_allclose(f.reconstruct_n(0, index.ntotal), index.reconstruct_n(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f.sa_decode(f.sa_encode(x[:20])), index.decode(index.encode(x[:20])),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_from_faiss_built_by_faiss(data):
@@ -225,6 +230,11 @@ def test_load_rejects_well_formed_files_with_wrong_contents(tmp_path, data):
     bad_shape.save(tmp_path / "shape.jpq")
     with pytest.raises(ValueError, match="centroids must be a float32 array of shape"):
         jpq.PQIndex.load(tmp_path / "shape.jpq")
+
+
+def test_from_faiss_rejects_an_untrained_rotation():
+    with pytest.raises(ValueError, match="OPQMatrix is not trained"):
+        jpq.PQIndex.from_faiss(faiss.index_factory(16, "OPQ4,PQ4"))
 
 
 def test_from_faiss_rejects_a_transform_that_is_not_a_rotation(data):
