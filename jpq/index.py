@@ -468,6 +468,8 @@ class PQIndex(VectorIndexInput):
         return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
 
     # ------------------------------------------------------------------ persistence
+    _ARRAY_NAMES = ("codes", "centroids", "rotation")  # what `_arrays` may hold, and `load` sets
+
     def _arrays(self) -> dict:
         arrays = {"codes": self.codes}
         if self.centroids is not None:
@@ -489,9 +491,16 @@ class PQIndex(VectorIndexInput):
     @classmethod
     def load(cls, path) -> "PQIndex":
         """Read a file written by `save`; a foreign, truncated or corrupted file raises ValueError."""
-        header, arrays = read_container(path, FORMAT_MAGIC, "jpq.PQIndex", FORMAT_VERSION, "jpq index")
-        index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"],
-                    unit_norm=header.get("unit_norm", False))  # files from before it have plain reconstructions
+        header, arrays = read_container(path, FORMAT_MAGIC, "jpq.PQIndex", FORMAT_VERSION, "jpq index",
+                                        required=("d", "M", "nbits", "metric", "opq"))
+        try:
+            index = cls(header["d"], header["M"], header["nbits"], header["metric"], header["opq"],
+                        unit_norm=header.get("unit_norm", False))  # files from before it have plain reconstructions
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} has invalid parameters: {e}") from None
+        unknown = sorted(set(arrays) - set(cls._ARRAY_NAMES))
+        if unknown:
+            raise ValueError(f"{path} has arrays a jpq index does not have: {unknown}")
         for name, a in arrays.items():
             setattr(index, name, a)
         index._check_arrays(f"{path}: ")  # search trusts them: a wrong file must not read out of bounds

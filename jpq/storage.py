@@ -66,9 +66,10 @@ def write_container(path, magic: bytes, fmt: str, version: int, params: dict, ar
         f.write(body)
 
 
-def read_container(path, magic: bytes, fmt: str, version: int, what: str):
+def read_container(path, magic: bytes, fmt: str, version: int, what: str, required: tuple[str, ...] = ()):
     """Read a `write_container` file -> (header dict, {name: array}). A foreign (`what` names the
-    expected kind in the message), truncated or corrupted file raises ValueError."""
+    expected kind in the message), truncated or corrupted file, or a header without the `required`
+    parameters, raises ValueError (the checksum covers the payload, not the header)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         blob = f.read()
@@ -85,17 +86,25 @@ def read_container(path, magic: bytes, fmt: str, version: int, what: str):
         header = json.loads(blob[pos : pos + hlen])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} has a corrupted header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupted header: a JSON object expected, got {type(header).__name__}")
     if header.get("format") != fmt:
         raise ValueError(f"{path} is not a {fmt} file (format {header.get('format')!r})")
     if header.get("version") != version:
         raise ValueError(f"{path} has format version {header.get('version')}; this jpq reads version {version}")
+    missing = [k for k in ("payload_nbytes", "sha256", "arrays", *required) if k not in header]
+    if missing:
+        raise ValueError(f"{path} has a corrupted header: missing {', '.join(missing)}")
     body = blob[pos + hlen :]
     if len(body) != header["payload_nbytes"]:
         raise ValueError(f"{path} is truncated: payload has {len(body)} of {header['payload_nbytes']} bytes")
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
         raise ValueError(f"{path} is corrupted: sha256 checksum mismatch")
     arrays = {}
-    for name, spec in header["arrays"].items():
-        arrays[name] = np.frombuffer(body, dtype=np.dtype(spec["dtype"]), count=int(np.prod(spec["shape"])),
-                                     offset=spec["offset"]).reshape(spec["shape"]).copy()
+    try:
+        for name, spec in header["arrays"].items():
+            arrays[name] = np.frombuffer(body, dtype=np.dtype(spec["dtype"]), count=int(np.prod(spec["shape"])),
+                                         offset=spec["offset"]).reshape(spec["shape"]).copy()
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} has a corrupted array table: {type(e).__name__}: {e}") from None
     return header, arrays

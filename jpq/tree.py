@@ -239,8 +239,9 @@ def path_log_probs(logps: Sequence[torch.Tensor], branching: Sequence[int]) -> t
     out[:, leaf] = sum over levels of log p(node on the leaf's path | its parent)."""
     n = logps[0].shape[0]
     total = logps[0].new_zeros((n, 1))
-    for logp, b in zip(logps, branching):
-        total = (total.unsqueeze(-1) + logp.reshape(n, -1, b)).reshape(n, -1)
+    for logp, b in zip(logps, branching):  # explicit sizes, no -1: n may be 0
+        parents = total.shape[1]
+        total = (total.unsqueeze(-1) + logp.reshape(n, parents, b)).reshape(n, parents * b)
     return total
 
 
@@ -250,7 +251,8 @@ def level_log_probs(x, embeddings, biases, log_scales, branching):
     out = []
     for level, b in enumerate(branching):
         z = (x @ embeddings[level].T + biases[level]) * log_scales[level].exp()
-        out.append(F.log_softmax(z.reshape(n, -1, b), dim=-1).reshape(n, -1))
+        nodes = z.shape[1]  # explicit sizes, no -1: n may be 0
+        out.append(F.log_softmax(z.reshape(n, nodes // b, b), dim=-1).reshape(n, nodes))
     return out
 
 
@@ -272,7 +274,7 @@ def beam_search(x: torch.Tensor, embeddings, biases, log_scales, branching, beam
     score = x.new_zeros((n, 1))
     nodes = torch.zeros((n, 1), dtype=torch.int64)
     for level, b in enumerate(branching):
-        children = (nodes.unsqueeze(-1) * b + torch.arange(b)).reshape(n, -1)  # (n, w * b)
+        children = (nodes.unsqueeze(-1) * b + torch.arange(b)).reshape(n, nodes.shape[1] * b)  # n may be 0
         cand = score.repeat_interleave(b, dim=1) + torch.gather(logps[level], 1, children)
         if node_counts is not None:
             empty = torch.from_numpy(node_counts[level] == 0)[children]
@@ -694,19 +696,52 @@ class TreeIndex(VectorIndexInput):
     @classmethod
     def load(cls, path) -> "TreeIndex":
         """Read a file written by `save`; a foreign, truncated or corrupted file raises ValueError."""
-        header, arrays = read_container(path, FORMAT_MAGIC, "jpq.TreeIndex", FORMAT_VERSION, "jpq tree index")
-        index = cls(header["d"], tuple(header["branching"]), header["M"], header["nbits"], header["metric"],
-                    header["opq"], header["init_scale"], header["doc_beam"], header["kmeans_metric"],
-                    header.get("centroid_share", 0.0))  # files from before centroid_share: 0
+        header, arrays = read_container(path, FORMAT_MAGIC, "jpq.TreeIndex", FORMAT_VERSION, "jpq tree index",
+                                        required=("d", "branching", "M", "nbits", "metric", "opq", "init_scale",
+                                                  "doc_beam", "kmeans_metric"))
+        try:
+            index = cls(header["d"], tuple(header["branching"]), header["M"], header["nbits"], header["metric"],
+                        header["opq"], header["init_scale"], header["doc_beam"], header["kmeans_metric"],
+                        header.get("centroid_share", 0.0))  # files from before centroid_share: 0
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} has invalid parameters: {e}") from None
+        if "codes" not in arrays or "leaf_of" not in arrays:
+            raise ValueError(f"{path} has a corrupted array table: codes and leaf_of are required")
         index.pq.codes = arrays["codes"]
         index.pq.centroids = arrays.get("centroids")
         index.pq.rotation = arrays.get("rotation")
         index.query_matrix = arrays.get("query_matrix")
         index.leaf_of = arrays["leaf_of"]
         if "log_scales" in arrays:
-            index.set_routing([arrays[f"embeddings.{l}"] for l in range(index.levels)],
-                              [arrays[f"biases.{l}"] for l in range(index.levels)], arrays["log_scales"])
+            try:
+                index.set_routing([arrays[f"embeddings.{l}"] for l in range(index.levels)],
+                                  [arrays[f"biases.{l}"] for l in range(index.levels)], arrays["log_scales"])
+            except KeyError as e:
+                raise ValueError(f"{path}: routing array {e.args[0]!r} missing") from None
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+        index._check_arrays(f"{path}: ")  # search trusts them: a wrong file must not read out of bounds
         return index
+
+    def _check_arrays(self, where: str = "") -> None:
+        """The PQ arrays (`PQIndex._check_arrays`), one leaf in [0, n_leaves) per code row, a
+        (d, d) float32 query matrix and finite log-scales (`set_routing` checks the rest of the
+        routing's shapes); ValueError naming the array."""
+        self.pq._check_arrays(where)
+        leaf_of = self.leaf_of
+        if not isinstance(leaf_of, np.ndarray) or leaf_of.dtype != np.int64 or leaf_of.shape != (len(self.pq.codes),):
+            raise ValueError(f"{where}leaf_of must be an int64 array of shape ({len(self.pq.codes)},) (one leaf per "
+                             f"code row), got {getattr(leaf_of, 'dtype', type(leaf_of).__name__)} "
+                             f"{getattr(leaf_of, 'shape', '')}")
+        if leaf_of.size and (leaf_of.min() < 0 or leaf_of.max() >= self.n_leaves):
+            raise ValueError(f"{where}leaf_of must hold leaves in [0, {self.n_leaves}), got values in "
+                             f"[{leaf_of.min()}, {leaf_of.max()}]")
+        qm = self.query_matrix
+        if qm is not None and (not isinstance(qm, np.ndarray) or qm.dtype != np.float32 or qm.shape != (self.d, self.d)):
+            raise ValueError(f"{where}query_matrix must be a float32 array of shape ({self.d}, {self.d}), got "
+                             f"{getattr(qm, 'dtype', type(qm).__name__)} {getattr(qm, 'shape', '')}")
+        if self.log_scales is not None and not np.isfinite(self.log_scales).all():
+            raise ValueError(f"{where}log_scales must be finite, got {self.log_scales}")
 
 
 def _check_share(share) -> float:

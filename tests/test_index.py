@@ -1,4 +1,5 @@
 """jpq.PQIndex: train/add/search/reconstruct, save/load, faiss interop, bad inputs."""
+import json
 import os
 
 import numpy as np
@@ -212,6 +213,34 @@ def test_load_rejects_truncated_foreign_and_corrupted_files(tmp_path, data):
     with pytest.raises(ValueError, match="checksum"):
         jpq.PQIndex.load(tmp_path / "flip")
 
+
+
+def rewrite_header(src, dst, edit):
+    """Copy a saved index with its JSON header replaced by edit(header) (the checksum covers
+    only the payload, so such a file passes it)."""
+    blob = src.read_bytes()
+    magic = jpq.index.FORMAT_MAGIC
+    n = int.from_bytes(blob[len(magic):len(magic) + 4], "little")
+    header = edit(json.loads(blob[len(magic) + 4:len(magic) + 4 + n]))
+    text = json.dumps(header).encode()
+    dst.write_bytes(magic + len(text).to_bytes(4, "little") + text + blob[len(magic) + 4 + n:])
+
+
+def test_load_rejects_edited_headers(tmp_path, data):
+    x, _ = data
+    path = tmp_path / "index.jpq"
+    trained(x, nbits=4).save(path)
+    cases = {"missing nbits": lambda h: {k: v for k, v in h.items() if k != "nbits"},
+             "a JSON object expected": lambda h: [h],
+             "invalid parameters": lambda h: {**h, "M": "eight"},
+             "centroids must be a float32 array of shape": lambda h: {**h, "nbits": 8},
+             "arrays a jpq index does not have": lambda h: {**h, "arrays": {**h["arrays"],
+                                                                             "ntotal": h["arrays"]["codes"]}},
+             "corrupted array table": lambda h: {**h, "arrays": {"codes": {"dtype": "uint8"}}}}
+    for message, edit in cases.items():
+        rewrite_header(path, tmp_path / "edited.jpq", edit)
+        with pytest.raises(ValueError, match=message):
+            jpq.PQIndex.load(tmp_path / "edited.jpq")
 
 
 def test_load_rejects_well_formed_files_with_wrong_contents(tmp_path, data):

@@ -494,6 +494,38 @@ def test_save_load_round_trip(small_tree, tmp_path):
         TreeIndex.load(tmp_path / "pq.jpq")
 
 
+def test_load_rejects_well_formed_files_with_wrong_contents(small_tree, tmp_path):
+    """A checksummed tree file whose arrays do not fit its tree (codes >= K, leaves out of range or
+    one short, a query matrix of another shape) is refused on load: search trusts them."""
+    index, x, q = small_tree
+    originals = (index.pq.codes, index.leaf_of, index.query_matrix)
+    bad = {"codes values must lie in": ("codes", np.full_like(index.pq.codes, 255)),
+           r"leaf_of must hold leaves in \[0, 15\)": ("leaf_of", np.full_like(index.leaf_of, 15)),
+           "leaf_of must be an int64 array of shape": ("leaf_of", index.leaf_of[:-1]),
+           "query_matrix must be a float32 array of shape": ("query_matrix", np.eye(3, dtype=np.float32))}
+    try:
+        for message, (name, value) in bad.items():
+            index.pq.codes, index.leaf_of, index.query_matrix = originals
+            setattr(index.pq if name == "codes" else index, name, value)
+            index.save(tmp_path / "bad.jpq")  # save writes what it is given; load checks
+            with pytest.raises(ValueError, match=message):
+                TreeIndex.load(tmp_path / "bad.jpq")
+    finally:
+        index.pq.codes, index.leaf_of, index.query_matrix = originals
+
+
+def test_zero_queries_give_empty_results(small_tree):
+    index, x, q = small_tree
+    for beam in (1, 4, 15):
+        leaves, score = index.probe(q[:0], beam)
+        assert leaves.shape == score.shape == (0, min(beam, 15))
+        D, I = index.search(q[:0], 5, beam)
+        assert D.shape == I.shape == (0, 5) and D.dtype == np.float32 and I.dtype == np.int64
+        Dt, It = index.search(torch.from_numpy(q[:0]), 5, beam)
+        assert isinstance(Dt, torch.Tensor) and Dt.shape == It.shape == (0, 5)
+        assert index.fraction_scored(q[:0], beam) == 0.0
+
+
 # --------------------------------------------------------------------------- inputs
 def test_bad_inputs_raise_clear_errors(small_tree):
     index, x, q = small_tree
