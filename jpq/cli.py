@@ -50,6 +50,28 @@ def _config(args, **over):
     return TrainConfig(**kw)
 
 
+def _bounded(kind, low, high=None, what=None):
+    """An argparse type: `kind` within [low, high], checked when the command line is parsed,
+    before any data is loaded or embedded."""
+    what = what or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= low if kind is int else value > low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+NBITS = _bounded(int, 1, 8)
+RATIO = _bounded(float, 1.0, what="a compression ratio > 1")
+
+
 def _workspace(args, need_train: bool = True):
     from .pipeline import DEFAULT_CACHE, load_workspace
 
@@ -98,7 +120,7 @@ def cmd_index(args):
     from .pipeline import build_index, m_for_ratio
 
     ws = _workspace(args, need_train=False)
-    M = args.M or m_for_ratio(ws.d, args.ratio, args.nbits)
+    M = args.M if args.M is not None else m_for_ratio(ws.d, args.ratio, args.nbits)
     index = build_index(ws.doc_emb, M, opq=args.opq, nbits=args.nbits, seed=args.seed,
                         anisotropic_eta=args.anisotropic_eta, unit_norm=args.unit_norm)
     index.save(args.out)
@@ -117,7 +139,7 @@ def cmd_train(args):
         return
     index = None
     if args.mode != "encoder":
-        M = args.M or m_for_ratio(ws.d, args.ratio)
+        M = args.M if args.M is not None else m_for_ratio(ws.d, args.ratio)
         index = build_index(ws.doc_emb, M, opq=True, seed=args.seed, unit_norm=args.unit_norm)
     cfg = _config(args)
     trainer, secs, selection = train_run(ws, cfg, index, out, resume=args.resume, progress=not args.quiet)
@@ -201,8 +223,8 @@ def build_parser():
     t.add_argument("--out", required=True)
     t.add_argument("--mode", choices=("jpq", "centroids", "encoder"), default="jpq")
     t.add_argument("--index", choices=("pq", "tree"), default="pq")
-    t.add_argument("--M", type=int, default=None)
-    t.add_argument("--ratio", type=float, default=32)
+    t.add_argument("--M", type=POSITIVE_INT, default=None, help="sub-quantizers (default: from --ratio)")
+    t.add_argument("--ratio", type=RATIO, default=32)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--unit-norm", action="store_true", help="score reconstructions rescaled to unit norm (for unit-norm embeddings; jpq.PQIndex unit_norm)")
     _train_args(t)
@@ -211,9 +233,9 @@ def build_parser():
     i = sub.add_parser("index", allow_abbrev=False, help="build a (post-hoc) PQ/OPQ index of the corpus")
     _common(i)
     i.add_argument("--out", required=True)
-    i.add_argument("--M", type=int, default=None)
-    i.add_argument("--ratio", type=float, default=32)
-    i.add_argument("--nbits", type=int, default=8)
+    i.add_argument("--M", type=POSITIVE_INT, default=None, help="sub-quantizers (default: from --ratio and --nbits)")
+    i.add_argument("--ratio", type=RATIO, default=32)
+    i.add_argument("--nbits", type=NBITS, default=8)
     i.add_argument("--opq", action="store_true")
     i.add_argument("--anisotropic-eta", type=float, default=1.0,
                    help="refit codebooks and codes to the anisotropic (score-aware) loss with this weight "
@@ -231,7 +253,7 @@ def build_parser():
     s = sub.add_parser("search", allow_abbrev=False, help="search an index with query texts")
     s.add_argument("--index", required=True)
     s.add_argument("--query", action="append", required=True)
-    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--k", type=POSITIVE_INT, default=10)
     s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--encoder", default=None)
     s.add_argument("--data", default=None, help="BEIR folder, to print document ids")
@@ -246,7 +268,8 @@ def main(argv=None):
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:  # say what, not where
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # say what, not where (OSError: a missing
+        # file, a folder where a file was expected, no permission)
         if args.verbose:
             raise
         print(f"jpq {args.func.__name__.removeprefix('cmd_')}: error: {e}", file=sys.stderr)

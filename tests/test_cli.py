@@ -150,3 +150,25 @@ def test_test_only_folder_indexes_and_evaluates_but_does_not_train(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jpq", "demo", *common, "--out", str(tmp_path / "d")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "needs a train split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["index", "--data", "D", "--out", "o", "--M", "0"], "argument --M: expected an integer >= 1, got '0'"),
+    (["index", "--data", "D", "--out", "o", "--nbits", "9"], "argument --nbits: expected an integer in [1, 8]"),
+    (["train", "--data", "D", "--out", "o", "--ratio", "0.5"], "argument --ratio: expected a compression ratio > 1"),
+    (["search", "--index", "i", "--query", "q", "--k", "0"], "argument --k: expected an integer >= 1"),
+])
+def test_bad_numbers_are_refused_before_any_data_is_read(argv, message, capsys):
+    """The data folder "D" does not exist: the error must come from the argument, at parse time."""
+    from jpq.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_index_path_that_is_a_folder_is_an_error_not_a_traceback(tmp_path, capsys):
+    from jpq.cli import main
+
+    assert main(["search", "--index", str(tmp_path), "--query", "q"]) == 2
+    assert "jpq search: error:" in capsys.readouterr().err
