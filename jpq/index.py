@@ -26,6 +26,7 @@ from .kernels.arrays import (
     array_kind,
     check_codes,
     check_float_matrix,
+    check_int,
     check_k,
     check_metric,
     to_numpy_codes,
@@ -301,6 +302,8 @@ class PQIndex(VectorIndexInput):
         0.764 -> 0.774 / 0.776 -> 0.785; selection runs, test never read).
         """
         x = self._vectors("x", x)
+        niter, opq_iterations = check_int("niter", niter, 1), check_int("opq_iterations", opq_iterations, 1)
+        seed = check_int("seed", seed)
         if x.shape[0] < self.K:
             raise ValueError(f"training needs at least K={self.K} vectors, got {x.shape[0]}")
         if max_train_points is not None and (isinstance(max_train_points, bool) or
@@ -318,23 +321,29 @@ class PQIndex(VectorIndexInput):
             self.centroids = train_pq_centroids(x, self.M, self.K, niter=niter, seed=seed)
         return self
 
-    def encode(self, x) -> np.ndarray:
-        """(n, d) float -> (n, M) uint8 codes (also `sa_encode`)."""
+    def encode(self, x):
+        """(n, d) float -> (n, M) uint8 codes (also `sa_encode`); torch in, torch out (on x's device;
+        computed on the CPU)."""
         self._require_trained()
-        return assign(self.rotate(self._vectors("x", x)), self.centroids)
+        kind = array_kind(x=x)
+        return kind.wrap(self._encode_vectors(self._vectors("x", x)))
+
+    def _encode_vectors(self, x: np.ndarray) -> np.ndarray:
+        """Codes of checked float32 NumPy vectors."""
+        return assign(self.rotate(x), self.centroids)
 
     sa_encode = encode
 
-    def decode(self, codes) -> np.ndarray:
+    def decode(self, codes):
         """(n, M) uint8 codes -> (n, d) float32 reconstructions in the original space (rescaled to
-        unit norm with `unit_norm`: then search scores are q . decode(code))."""
+        unit norm with `unit_norm`: then search scores are q . decode(code)); torch in, torch out."""
         self._require_trained()
-        array_kind(codes=codes)
+        kind = array_kind(codes=codes)
         codes = to_numpy_codes(check_codes(codes, self.M, self.K))
         x = self.centroids[np.arange(self.M)[None, :], codes].reshape(len(codes), self.d)
         if self.unit_norm:
             x = x * unit_scale(self.reconstruction_norms(codes))[:, None]
-        return x if self.rotation is None else matmul_t(x, self.rotation.T)
+        return kind.wrap(x if self.rotation is None else matmul_t(x, self.rotation.T))
 
     def reconstruction_norms(self, codes=None) -> np.ndarray:
         """(n,) float32 norms ||x_hat|| of the plain reconstructions of `codes` (default: the
@@ -352,14 +361,14 @@ class PQIndex(VectorIndexInput):
     def add(self, x):
         """Encode x (n, d) and append; ids continue from ntotal. A unit_norm index refuses
         vectors whose norm is not 1 (within 1e-3): it would score them as if it were."""
+        self._require_trained()
+        x = self._vectors("x", x)
         if self.unit_norm:
-            xs = self._vectors("x", x)
-            norms = np.linalg.norm(xs, axis=1)
-            if len(xs) and np.abs(norms - 1.0).max() > 1e-3:
+            norms = np.linalg.norm(x, axis=1)
+            if len(x) and np.abs(norms - 1.0).max() > 1e-3:
                 raise ValueError(f"this index has unit_norm=True, but x has norms in [{norms.min():.4g}, "
                                  f"{norms.max():.4g}]: normalise the vectors, or use unit_norm=False")
-            x = xs
-        self.add_codes(self.encode(x))
+        self.codes = np.concatenate([self.codes, self._encode_vectors(x)])
 
     def add_codes(self, codes):
         self._require_trained()
@@ -370,12 +379,14 @@ class PQIndex(VectorIndexInput):
         self.codes = np.empty((0, self.M), np.uint8)
 
     def reconstruct(self, i: int) -> np.ndarray:
-        if not 0 <= int(i) < self.ntotal:
+        i = check_int("i", i)
+        if not 0 <= i < self.ntotal:
             raise IndexError(f"id {i} out of range [0, {self.ntotal})")
-        return self.decode(self.codes[int(i) : int(i) + 1])[0]
+        return self.decode(self.codes[i : i + 1])[0]
 
     def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
-        n = self.ntotal - i0 if n is None else n
+        i0 = check_int("i0", i0)
+        n = self.ntotal - i0 if n is None else check_int("n", n)
         if i0 < 0 or n < 0 or i0 + n > self.ntotal:
             raise IndexError(f"range [{i0}, {i0 + n}) out of [0, {self.ntotal})")
         return self.decode(self.codes[i0 : i0 + n])

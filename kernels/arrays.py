@@ -134,18 +134,24 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """An int (Python or NumPy, not bool or float: nothing is truncated) >= minimum, as int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return int(k)
+    return check_int("k", k, 1)
 
 
 def to_numpy_f32(x) -> np.ndarray:
     """C-contiguous float32 NumPy view/copy of a NumPy array or CPU tensor."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # NumPy has no bfloat16
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

@@ -72,6 +72,31 @@ def test_torch_in_torch_out(data):
     assert isinstance(D, torch.Tensor) and I.dtype == torch.int64 and D.dtype == torch.float32
     D2, I2 = index.search(q, 5)
     np.testing.assert_array_equal(I.numpy(), I2)
+    codes = index.encode(torch.from_numpy(x[:7]))  # encode / decode too, as faiss' torch_utils do
+    assert isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8
+    np.testing.assert_array_equal(codes.numpy(), index.encode(x[:7]))
+    recon = index.decode(codes)
+    assert isinstance(recon, torch.Tensor) and recon.dtype == torch.float32
+    np.testing.assert_array_equal(recon.numpy(), index.decode(codes.numpy()))
+    # bfloat16 (which NumPy lacks) is converted like float16 and float64
+    D3, I3 = index.search(torch.from_numpy(q).bfloat16(), 5)
+    np.testing.assert_array_equal(I3.numpy(), index.search(torch.from_numpy(q).bfloat16().float(), 5)[1].numpy())
+
+
+def test_integer_arguments_are_not_truncated(data):
+    x, _ = data
+    index = trained(x)
+    with pytest.raises(TypeError, match="i must be an int, got float"):
+        index.reconstruct(1.7)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        index.reconstruct_n(0, 2.0)
+    with pytest.raises(TypeError, match="niter must be an int, got float"):
+        index.train(x, niter=2.5)
+    with pytest.raises(ValueError, match="niter must be >= 1, got -1"):
+        index.train(x, niter=-1)
+    with pytest.raises(ValueError, match="opq_iterations must be >= 1"):
+        index.train(x, opq_iterations=0)
+    np.testing.assert_array_equal(index.reconstruct(np.int64(3)), index.reconstruct_n(3, 1)[0])
 
 
 @pytest.mark.interpreter
