@@ -111,6 +111,12 @@ def per_query(run: RunLike, qrels: Qrels,
     return out
 
 
+def check_metric_name(name) -> str:
+    """`name` if it is a metric `evaluate` computes ('<metric>@<k>'); else ValueError."""
+    _parse(name)
+    return name
+
+
 def _parse(name: str) -> tuple[str, int]:
     match = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
     if match is None:

@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import math
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,8 @@ from tqdm.auto import tqdm
 from .index import (PQIndex, anisotropic_codebooks, check_eta, query_aware_codebooks, reconstruction_norms_torch,
                     unit_norm_scale)
 from .kernels import adc_topk, build_lut
-from .kernels.arrays import to_numpy_f32
-from .metrics import evaluate
+from .kernels.arrays import check_int, to_numpy_f32
+from .metrics import check_metric_name, evaluate
 from .metrics import per_query as per_query_metrics
 from .storage import atomic_torch_save, atomic_write_json
 
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("jpq", "centroids", "encoder")
 LOSSES = ("pairwise", "ce")
+HOLDOUTS = ("random", "disjoint")
 
 
 @dataclass
@@ -193,9 +195,27 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("epochs", "batch_size", "negatives", "corpus_recon_docs", "pseudo_queries_per_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # ints stay ints (a float epoch count, a bool seed would be read some other way)
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("negatives", 1), ("corpus_recon_docs", 1),
+                              ("pseudo_queries_per_step", 1), ("patience", 1), ("guard_min_queries", 2),
+                              ("seed", 0)):
+            check_int(name, getattr(self, name), minimum)
+        # rates and weights: finite and >= 0 (AdamW checks only its default rate, not a group's;
+        # a negative weight would reward what the term penalises)
+        for name in ("lr_encoder", "lr_centroids", "weight_decay", "recon_weight", "corpus_recon_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float, np.integer, np.floating)) \
+                or not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 (logits = scale * score), got {self.scale!r}")
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {HOLDOUTS}, got {self.holdout!r}")
+        check_metric_name(self.val_metric)  # ValueError for an unknown name, before any training
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), (bool, np.bool_)):
+                raise TypeError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         check_eta(self.anisotropic_eta, "anisotropic_eta")
         if not (math.isfinite(self.pseudo_query_weight) and self.pseudo_query_weight >= 0):
             raise ValueError(f"pseudo_query_weight must be a finite number >= 0, got {self.pseudo_query_weight}")
@@ -247,6 +267,29 @@ def _cpu_state_dict(module: torch.nn.Module) -> dict:
 
 
 # --------------------------------------------------------------------------- data split
+def as_query_vector(v, d: int, query_id) -> np.ndarray:
+    """A query embedding as a finite float32 vector of shape (d,) (the documents' width)."""
+    v = to_numpy_f32(v)
+    if v.shape != (d,):
+        raise ValueError(f"query_embeddings[{query_id!r}] must have shape ({d},) like a row of doc_embeddings, "
+                         f"got {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"query_embeddings[{query_id!r}] contains NaN or infinite values")
+    return v
+
+
+def check_doc_row(row, n_docs: int, query_id) -> int:
+    """A qrels document key of the trainers: a row of the document embeddings (an int in
+    [0, n_docs)), not a BEIR document id (`Dataset.doc_index` maps ids to rows)."""
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+        raise TypeError(f"qrels[{query_id!r}] has document key {row!r} ({type(row).__name__}): the trainer's qrels "
+                        "map query ids to {row of doc_embeddings: relevance}; map BEIR document ids to rows with "
+                        "Dataset.doc_index")
+    if not 0 <= row < n_docs:
+        raise ValueError(f"qrels[{query_id!r}] has document row {row}, outside the {n_docs} rows of doc_embeddings")
+    return int(row)
+
+
 def holdout_split(query_ids: list[str], qrels: dict, fraction: float, seed: int, disjoint: bool = False):
     """Split training queries into (train, val) at random. With `disjoint`, no val query's
     relevant document is relevant to a train query: queries sharing a positive form one group,
@@ -404,11 +447,16 @@ class Checkpointing:
     `_load_model_state(st)`, `_initial_record()` and `_train_epoch(epoch)` (records with "epoch",
     "val" and "loss"; "val" None when there are no held-out queries)."""
 
+    def _data_fingerprint(self) -> dict | None:
+        """What a checkpoint must have been trained on to be resumed here (None: not checked)."""
+        return None
+
     def _checkpoint(self, best_state: dict):
         if self.out_dir is None:
             return
         atomic_torch_save({"config": asdict(self.cfg), "state": asdict(self.state), "model": self._model_state(),
-                           "best": best_state, "optimizer": self.optimizer.state_dict()},
+                           "best": best_state, "optimizer": self.optimizer.state_dict(),
+                           "data": self._data_fingerprint()},
                           self.out_dir / "checkpoint.pt")
         atomic_write_json(self.out_dir / "history.json", self.state.history)
 
@@ -481,9 +529,17 @@ class Checkpointing:
         # fields that do not change what training computes (RESUME_FREE_FIELDS on the config
         # class: where it runs, how the tree's result is searched) may differ
         ignore = set(getattr(type(self.cfg), "RESUME_FREE_FIELDS", ()))
-        if {k: v for k, v in ck["config"].items() if k not in ignore} != \
-                {k: v for k, v in asdict(self.cfg).items() if k not in ignore}:
-            raise ValueError(f"{path} was written with a different configuration; use a new out_dir")
+        now = asdict(self.cfg)
+        changed = sorted(k for k in set(ck["config"]) | set(now)
+                         if k not in ignore and ck["config"].get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"{path} was written with a different configuration ("
+                             + ", ".join(f"{k}: {ck['config'].get(k)!r} there, {now.get(k)!r} here" for k in changed)
+                             + "); use a new out_dir")
+        data, saved = self._data_fingerprint(), ck.get("data")  # checkpoints of older jpq have none
+        if data is not None and saved is not None and data != saved:
+            raise ValueError(f"{path} was trained on other data ({', '.join(k for k in data if data[k] != saved.get(k))}"
+                             " differ); use a new out_dir")
         self._load_model_state(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.state = TrainState(**ck["state"])
@@ -517,10 +573,11 @@ class JPQTrainer(Checkpointing):
                  pseudo_queries: np.ndarray | None = None):
         self.cfg = config
         self.X = np.ascontiguousarray(doc_embeddings, dtype=np.float32)
+        if self.X.ndim != 2:
+            raise ValueError(f"doc_embeddings must have shape (N, d), got {self.X.shape}")
         self.index = index
         self.encoder = encoder
         self.query_texts = query_texts or {}
-        self.query_embeddings = query_embeddings or {}
         self.progress = progress
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(config.device)
@@ -533,9 +590,21 @@ class JPQTrainer(Checkpointing):
             raise ValueError("mode 'jpq' needs a query encoder; use mode 'centroids' for a frozen one")
         if index is not None and index.ntotal != len(self.X):
             raise ValueError(f"index holds {index.ntotal} codes but doc_embeddings has {len(self.X)} rows")
+        if index is not None and index.d != self.X.shape[1]:
+            raise ValueError(f"index has d={index.d} but doc_embeddings has {self.X.shape[1]} columns")
+        if index is not None and index.metric != "ip":
+            raise ValueError(f"JPQ trains with inner-product scores (ranking loss, hard negatives, validation); "
+                             f"the index has metric {index.metric!r}: build it with metric='ip'")
+        self.query_embeddings = {q: as_query_vector(v, self.X.shape[1], q) for q, v in (query_embeddings or {}).items()}
         self.train_encoder = mode in ("jpq", "encoder")
-        self.qrels = {q: {int(d): r for d, r in rel.items() if r > 0} for q, rel in qrels.items()}
+        self.qrels = {q: {check_doc_row(d, len(self.X), q): r for d, r in rel.items() if r > 0}
+                      for q, rel in qrels.items()}
+        if len(set(query_ids)) != len(query_ids):
+            raise ValueError("query_ids has duplicates: each training query once")
         ids = [q for q in query_ids if self.qrels.get(q)]
+        if not ids:
+            raise ValueError(f"none of the {len(query_ids)} query_ids has a relevant document (relevance > 0) in "
+                             "qrels: nothing to train on")
         missing = [q for q in ids if (q not in self.query_texts if self.train_encoder or not self.query_embeddings
                                        else q not in self.query_embeddings)]
         if missing:
@@ -545,6 +614,12 @@ class JPQTrainer(Checkpointing):
         seen_docs = {d for q in self.train_ids for d in self.qrels[q]}
         self.val_unseen_ids = [q for q in self.val_ids if not any(d in seen_docs for d in self.qrels[q])]
         self.guarded = config.unseen_guard and len(self.val_unseen_ids) >= config.guard_min_queries
+        self._fingerprint = {  # what `resume` checks a checkpoint against
+            "doc_embeddings": [*self.X.shape, zlib.crc32(self.X)],
+            "codes": None if index is None else zlib.crc32(np.ascontiguousarray(index.codes)),
+            "train_ids": zlib.crc32("\x1f".join(map(str, self.train_ids)).encode()),
+            "val_ids": zlib.crc32("\x1f".join(map(str, self.val_ids)).encode()),
+            "qrels": zlib.crc32(repr(sorted((q, sorted(self.qrels[q].items())) for q in ids)).encode())}
         # the guard's reference is the index as given (the post-hoc index the user starts from),
         # also when an initialisation below refits its codebooks and codes
         self._given_index = index
@@ -552,7 +627,7 @@ class JPQTrainer(Checkpointing):
         if refit and config.query_aware_init and self.train_ids:
             self.index = index = query_aware_codebooks(index, self.X, self._zero_shot_queries(self.train_ids),
                                                        shrinkage=config.query_aware_shrinkage, seed=config.seed)
-        if refit and config.anisotropic_eta != 1.0 and index.metric == "ip":
+        if refit and config.anisotropic_eta != 1.0:
             self.index = index = anisotropic_codebooks(index, self.X, eta=config.anisotropic_eta, seed=config.seed)
         log.info("training on %d queries, validating on %d held-out queries (%d with unseen positives%s)",
                  len(self.train_ids), len(self.val_ids), len(self.val_unseen_ids),
@@ -594,6 +669,9 @@ class JPQTrainer(Checkpointing):
                                  f"got {pq_vectors.shape}")
             self.pseudo_queries = torch.from_numpy(pq_vectors).to(dev)
         self._text_length = None  # query id -> length, for bucket_by_length
+
+    def _data_fingerprint(self) -> dict:
+        return self._fingerprint
 
     # ------------------------------------------------------------------ embeddings
     def _queries(self, ids: list[str], grad: bool) -> torch.Tensor:

@@ -83,8 +83,33 @@ def test_resume_gives_the_same_centroids_as_an_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_different_configuration(tmp_path):
     make_trainer("centroids", out_dir=tmp_path, epochs=2).fit(stop_after_epoch=1)
     other = make_trainer("centroids", out_dir=tmp_path, epochs=3)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="different configuration .epochs: 2 there, 3 here"):
         other.fit(resume=True)
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path):
+    """Same configuration, same shapes, another corpus (or other judgments): resuming would
+    continue from, and write back, the other corpus's codes and centroids."""
+    make_trainer("centroids", out_dir=tmp_path, epochs=2).fit(stop_after_epoch=1)
+    X, Q, ids, qrels = synthetic_task(seed=0)
+    index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip").train(X, niter=10, seed=0)
+    index.add(X)
+    cfg = make_trainer("centroids", epochs=2).cfg
+
+    def resume(docs, judgments):
+        trainer = JPQTrainer(cfg, docs, index, ids, judgments, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
+                             out_dir=tmp_path, progress=False)
+        before = index.codes.copy()
+        with pytest.raises(ValueError, match="trained on other data"):
+            trainer.fit(resume=True)
+        np.testing.assert_array_equal(index.codes, before)  # nothing loaded into the caller's index
+
+    resume(X[::-1].copy(), qrels)  # other document vectors
+    resume(X, {q: {(next(iter(rel)) + 1) % len(X): 1} for q, rel in qrels.items()})  # other judgments
+    resumed = JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
+                         out_dir=tmp_path, progress=False)
+    resumed.fit(resume=True)  # the same data resumes
+    assert resumed.state.epoch == 2
 
 
 def test_trained_index_saves_loads_and_exports_to_faiss(tmp_path):
@@ -135,9 +160,46 @@ def test_config_and_trainer_validation():
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="hinge")
     X, Q, ids, qrels = synthetic_task()
+    emb = {q: Q[i] for i, q in enumerate(ids)}
     with pytest.raises(ValueError, match="needs a trained PQIndex"):
-        JPQTrainer(TrainConfig(mode="centroids"), X, None, ids, qrels,
-                   query_embeddings={q: Q[i] for i, q in enumerate(ids)})
+        JPQTrainer(TrainConfig(mode="centroids"), X, None, ids, qrels, query_embeddings=emb)
+    index = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip").train(X, niter=2, seed=0)
+    index.add(X)
+    cfg = TrainConfig(mode="centroids")
+
+    def refused(error, message, **over):
+        args = {"doc_embeddings": X, "index": index, "query_ids": ids, "qrels": qrels, "query_embeddings": emb, **over}
+        with pytest.raises(error, match=message):
+            JPQTrainer(cfg, **args, progress=False)
+
+    # qrels keys are rows of doc_embeddings, not BEIR document ids
+    refused(TypeError, "document key '3' .str.*Dataset.doc_index", qrels={**qrels, ids[0]: {"3": 1}})
+    refused(TypeError, "document key 3.7", qrels={**qrels, ids[0]: {3.7: 1}})
+    refused(ValueError, "document row -1, outside the 600 rows", qrels={**qrels, ids[0]: {-1: 1}})
+    refused(ValueError, "document row 600, outside", qrels={**qrels, ids[0]: {600: 1}})
+    refused(ValueError, "nothing to train on", qrels={q: {0: 0} for q in ids})
+    refused(ValueError, "nothing to train on", qrels={})
+    refused(ValueError, "query_ids has duplicates", query_ids=ids + ids[:1])
+    refused(ValueError, r"index has d=16 but doc_embeddings has 8 columns", doc_embeddings=X[:, :8])
+    refused(ValueError, r"doc_embeddings must have shape \(N, d\)", doc_embeddings=X[:, 0])
+    refused(ValueError, r"query_embeddings\['q0'\] must have shape \(16,\)", query_embeddings={**emb, "q0": Q[0, :8]})
+    refused(ValueError, r"query_embeddings\['q0'\] contains NaN", query_embeddings={**emb, "q0": Q[0] * np.nan})
+    # every number of the configuration is checked when it is made, not when it is first used
+    for bad, error, message in [
+            ({"lr_centroids": -1.0}, ValueError, "lr_centroids must be a finite number >= 0"),
+            ({"weight_decay": float("nan")}, ValueError, "weight_decay must be a finite number >= 0"),
+            ({"corpus_recon_weight": -1.0}, ValueError, "corpus_recon_weight must be a finite"),
+            ({"scale": 0.0}, ValueError, "scale must be a finite number > 0"),
+            ({"patience": 0}, ValueError, "patience must be >= 1"),
+            ({"epochs": 1.5}, TypeError, "epochs must be an int, got float"),
+            ({"batch_size": True}, TypeError, "batch_size must be an int, got bool"),
+            ({"seed": -1}, ValueError, "seed must be >= 0"),
+            ({"guard_min_queries": 1}, ValueError, "guard_min_queries must be >= 2"),
+            ({"holdout": "disjont"}, ValueError, "holdout must be one of"),
+            ({"val_metric": "foo"}, ValueError, "unknown metric 'foo'"),
+            ({"bucket_by_length": "no"}, TypeError, "bucket_by_length must be True or False")]:
+        with pytest.raises(error, match=message):
+            TrainConfig(**bad)
 
 
 def test_m_for_ratio_matches_the_demo_table():
@@ -362,12 +424,12 @@ def test_anisotropic_init_refits_the_codes_when_on_and_resume_restores_them(tmp_
     np.testing.assert_array_equal(aniso.index.codes, ref.codes)
     np.testing.assert_array_equal(aniso.centroids.detach().numpy(), ref.centroids)
     assert (aniso.index.codes != before).any()
-    # an l2 index is left as it is (the loss is about inner products)
+    # an l2 index is refused: loss, hard negatives and validation score inner products
     l2 = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="l2").train(X, niter=10, seed=0)
     l2.add(X)
-    t = JPQTrainer(TrainConfig(mode="centroids", epochs=1, anisotropic_eta=4.0), X, l2, ids, qrels,
+    with pytest.raises(ValueError, match="inner-product scores"):
+        JPQTrainer(TrainConfig(mode="centroids", epochs=1, anisotropic_eta=4.0), X, l2, ids, qrels,
                    query_embeddings={q: Q[i] for i, q in enumerate(ids)}, progress=False)
-    assert t.index is l2
     # a stopped and resumed run ends where an uninterrupted one does, codes included
     full = trainer(tmp_path / "full", anisotropic_eta=4.0)
     full.fit()
