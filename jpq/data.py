@@ -11,7 +11,9 @@ that is not an existing folder) downloads the archive once into `~/.cache/jpq/be
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -157,16 +159,17 @@ def load_beir(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | No
                 f"({', '.join(sorted(BEIR_DATASETS))})")
         folder = download_beir(name, cache_dir, base_url=base_url, progress=progress)
 
-    corpus_ids, corpus_texts, corpus_titles = _read_jsonl(folder / "corpus.jsonl", title=True)
-    query_ids, query_texts, _ = _read_jsonl(folder / "queries.jsonl", title=False)
+    corpus_ids, corpus_texts, corpus_titles = _read_jsonl(_beir_file(folder / "corpus.jsonl"), title=True)
+    query_ids, query_texts, _ = _read_jsonl(_beir_file(folder / "queries.jsonl"), title=False)
     if splits is None:
-        files = sorted((folder / "qrels").glob("*.tsv"))
+        files = {f.name.removesuffix(".gz").removesuffix(".tsv"): f
+                 for f in sorted((folder / "qrels").glob("*.tsv.gz")) + sorted((folder / "qrels").glob("*.tsv"))}
         if not files:
-            raise FileNotFoundError(f"no qrels/*.tsv file in {folder}")
+            raise FileNotFoundError(f"no qrels/*.tsv (or *.tsv.gz) file in {folder}")
     else:
-        files = [folder / "qrels" / f"{s}.tsv" for s in splits]
+        files = {s: _beir_file(folder / "qrels" / f"{s}.tsv") for s in splits}
     known_docs, known_queries = set(corpus_ids), set(query_ids)
-    qrels = {f.stem: _read_qrels(f, known_queries, known_docs) for f in files}
+    qrels = {split: _read_qrels(f, known_queries, known_docs) for split, f in sorted(files.items())}
     return BeirDataset(corpus_ids, corpus_texts, query_ids, query_texts, qrels,
                        name=folder.name, path=str(folder), corpus_titles=corpus_titles)
 
@@ -195,60 +198,117 @@ def _valid_unicode(s: str) -> str:
         return s.encode("utf-8", "replace").decode("utf-8")
 
 
+def _beir_file(file: Path) -> Path:
+    """`file`, or `file`.gz when only the gzipped one exists (some BEIR mirrors ship those)."""
+    gz = file.with_name(file.name + ".gz")
+    if not file.is_file() and gz.is_file():
+        return gz
+    if not file.is_file():
+        raise FileNotFoundError(f"missing BEIR file: {file}")
+    return file
+
+
+def _text_lines(file: Path):
+    """(line number, line) of a UTF-8 text file (gzipped if its name ends in .gz; any newline
+    convention; a byte order mark dropped). A line that is not UTF-8 raises ValueError naming the
+    file and line: undecodable bytes come through as lone surrogates U+DC80-U+DCFF
+    ("surrogateescape"), which no UTF-8 text decodes to."""
+    raw = gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")
+    with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline=None) as f:
+        for lineno, line in enumerate(f, 1):
+            bad = _UNDECODABLE.search(line)
+            if bad:
+                raise ValueError(f"{file}:{lineno}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                                 f"character {bad.start() + 1}); BEIR files are UTF-8")
+            yield lineno, line
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _json_string(obj: dict, key: str, required: bool = False) -> str:
+    """obj[key] as a string: a string, or a number written out; None or absent is "" unless
+    `required`. Anything else (an object, a list, a bool) is a malformed line (TypeError)."""
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"{key!r} must be a string, got {json.dumps(value)}")
+    value = str(value)
+    if required and not value.strip():
+        raise TypeError(f"{key!r} must be a non-empty string, got {json.dumps(obj.get(key))}")
+    return value
+
+
 def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str], list[str]]:
     """Read `_id`s, texts and titles; with `title`, the text is `title + " " + text` and the
     titles are the stripped `title` fields (all "" without `title`)."""
-    if not file.is_file():
-        raise FileNotFoundError(f"missing BEIR file: {file}")
     ids, texts, heads, seen = [], [], [], set()
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                _id = str(obj["_id"])
-                text = str(obj.get("text") or "")
-                head = str(obj.get("title") or "") if title else ""
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{file}:{lineno}: malformed line "
-                                 f"(want a JSON object with '_id'): {e!r}") from None
-            if _id in seen:
-                raise ValueError(f"{file}:{lineno}: duplicate _id {_id!r}")
-            seen.add(_id)
-            _id, text, head = _valid_unicode(_id), _valid_unicode(text), _valid_unicode(head)
-            ids.append(_id)
-            texts.append(f"{head} {text}".strip() if head.strip() else text.strip())
-            heads.append(head.strip())
+    for lineno, line in _text_lines(file):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+            _id = _json_string(obj, "_id", required=True)
+            text = _json_string(obj, "text")
+            head = _json_string(obj, "title") if title else ""
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{file}:{lineno}: malformed line "
+                             f"(want a JSON object with a string '_id'): {e}") from None
+        if _id in seen:
+            raise ValueError(f"{file}:{lineno}: duplicate _id {_id!r}")
+        seen.add(_id)
+        _id, text, head = _valid_unicode(_id), _valid_unicode(text), _valid_unicode(head)
+        ids.append(_id)
+        texts.append(f"{head} {text}".strip() if head.strip() else text.strip())
+        heads.append(head.strip())
     return ids, texts, heads
 
 
 def _read_qrels(file: Path, known_queries: set[str],
                 known_docs: set[str]) -> dict[str, dict[str, int]]:
-    """Read one qrels TSV, dropping (with a warning) pairs whose ids are unknown."""
+    """Read one qrels TSV as BEIR's loader does: query-id, corpus-id and an integer score in the
+    first three tab-separated columns (more are ignored), a header line first if its score is
+    not an integer. Pairs whose query or document id is unknown are dropped with a warning that
+    counts and shows them; a file whose every pair is dropped raises ValueError (the ids do not
+    belong to this corpus and these queries)."""
     if not file.is_file():
         raise FileNotFoundError(f"missing BEIR qrels file: {file}")
     qrels: dict[str, dict[str, int]] = {}
-    dropped = 0
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or (lineno == 1 and line.startswith("query-id")):
-                continue
-            cols = line.rstrip("\r\n").split("\t")
-            try:
-                if len(cols) != 3:
-                    raise ValueError(f"{len(cols)} columns")
-                qid, did, score = cols[0], cols[1], int(cols[2])
-            except ValueError as e:
-                raise ValueError(f"{file}:{lineno}: malformed qrels line "
-                                 f"(want query-id<TAB>corpus-id<TAB>integer score): {e}") from None
-            if qid not in known_queries or did not in known_docs:
-                dropped += 1
-                continue
+    unknown_queries, unknown_docs, pairs, first = [], [], 0, True
+    for lineno, line in _text_lines(file):
+        if not line.strip():
+            continue
+        cols = line.rstrip("\r\n").split("\t")
+        header, first = first, False
+        try:
+            if len(cols) < 3:
+                hint = (" (separated by spaces? a TREC qrels file has 4 columns: query-id 0 corpus-id score)"
+                        if len(line.split()) >= 3 else "")
+                raise ValueError(f"{len(cols)} tab-separated column(s){hint}")
+            qid, did, score = cols[0], cols[1], int(cols[2])
+        except ValueError as e:
+            if header and len(cols) >= 3:
+                continue  # "query-id<TAB>corpus-id<TAB>score", or another header
+            raise ValueError(f"{file}:{lineno}: malformed qrels line "
+                             f"(want query-id<TAB>corpus-id<TAB>integer score): {e}") from None
+        pairs += 1
+        if qid not in known_queries:
+            unknown_queries.append(qid)
+        elif did not in known_docs:
+            unknown_docs.append(did)
+        else:
             qrels.setdefault(qid, {})[did] = score
+    dropped = len(unknown_queries) + len(unknown_docs)
     if dropped:
-        logger.warning("%s: dropped %d qrels pair(s) whose query or document id is unknown",
-                       file, dropped)
+        what = "; ".join(f"{len(ids)} with an unknown {kind} id, e.g. {sorted(set(ids))[:3]}"
+                         for kind, ids in (("query", unknown_queries), ("corpus", unknown_docs)) if ids)
+        if dropped == pairs:
+            raise ValueError(f"{file}: none of its {pairs} pairs names a known query and corpus document ({what}): "
+                             "these judgments are not of this corpus and these queries")
+        logger.warning("%s: dropped %d of %d qrels pairs (%s)", file, dropped, pairs, what)
     return qrels
 
 
@@ -315,8 +375,18 @@ def make_synthetic_beir(root: str | os.PathLike, n_docs: int = 1200, n_queries: 
     without data, and for tests). Each query paraphrases one document: its topic, cohort number
     and method; ~1/3 of the test queries point to documents no training query points to.
     Returns the folder."""
+    if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 1:
+        raise ValueError(f"n_docs must be an int >= 1, got {n_docs!r}")
+    if isinstance(n_queries, bool) or not isinstance(n_queries, (int, np.integer)) or n_queries < 2:
+        raise ValueError(f"n_queries must be an int >= 2 (train and test), got {n_queries!r}")
+    n_test = int(round(test_fraction * n_queries)) if 0 < test_fraction < 1 else 0
+    if not 1 <= n_test < n_queries:
+        raise ValueError(f"test_fraction must leave both splits some of the {n_queries} queries, got {test_fraction!r}")
     rng = np.random.default_rng(seed)
     root = Path(root)
+    stale = sorted(p.name for p in (root / "qrels").glob("*.tsv*") if p.name not in ("train.tsv", "test.tsv"))
+    if stale:  # they would be loaded as splits of this folder
+        raise ValueError(f"{root / 'qrels'} already holds {stale}: write the synthetic folder into an empty one")
     (root / "qrels").mkdir(parents=True, exist_ok=True)
     docs = []
     with open(root / "corpus.jsonl", "w") as f:
@@ -327,7 +397,6 @@ def make_synthetic_beir(root: str | os.PathLike, n_docs: int = 1200, n_queries: 
             f.write(json.dumps({"_id": f"d{i}", "title": f"{topic.capitalize()} in cohort {i}",
                                 "text": f"We study {topic} in cohort {i} using {method}; "
                                         f"the effect size was {rng.uniform(0.1, 3):.2f}."}) + "\n")
-    n_test = int(round(test_fraction * n_queries))
     train_docs = rng.choice(n_docs, n_queries - n_test, replace=True)
     test_docs = np.concatenate([rng.choice(train_docs, n_test - n_test // 3), rng.choice(n_docs, n_test // 3)])
     rows = {"train": [], "test": []}

@@ -48,7 +48,8 @@ def test_load_tiny(tmp_path, caplog):
     # Score-0 rows stay in qrels (metrics decide relevance); unknown ids are dropped.
     assert ds.qrels == {"test": {"q2": {"d1": 1}, "q1": {"d2": 2, "d3": 0}},
                         "train": {"q3": {"d3": 1}}}
-    assert "dropped 2 qrels pair(s)" in caplog.text
+    assert "dropped 2 of 5 qrels pairs (1 with an unknown query id, e.g. ['q9']; 1 with an unknown corpus id, " \
+           "e.g. ['unknown-doc'])" in caplog.text
     # queries.jsonl order, not qrels order
     assert ds.split_query_ids("test") == ["q1", "q2"]
     assert ds.split_query_ids("train") == ["q3"]
@@ -149,12 +150,77 @@ def test_missing_id_and_duplicate(tmp_path):
         load_beir(root)
 
 
-@pytest.mark.parametrize("row", ["q1\td1", "q1\td1\tx", "q1\td1\t1\textra"])
+@pytest.mark.parametrize("row", ["q1\td1", "q1\td1\tx", "q1\td1\t1.5"])
 def test_malformed_qrels(tmp_path, row):
     root = write_beir(tmp_path / "tiny",
                       qrels={"test": "query-id\tcorpus-id\tscore\nq2\td1\t1\n" + row + "\n"})
     with pytest.raises(ValueError, match=r"test\.tsv:3"):
         load_beir(root)
+
+
+def test_space_separated_qrels_get_a_hint(tmp_path):
+    root = write_beir(tmp_path / "tiny", qrels={"test": "q1 0 d1 1\n"})
+    with pytest.raises(ValueError, match=r"test\.tsv:1: .*separated by spaces\? a TREC qrels file"):
+        load_beir(root)
+
+
+@pytest.mark.parametrize("text", [
+    "q2\td1\t1\nq1\td2\t2\n",  # no header
+    "\ufeffq2\td1\t1\nq1\td2\t2\n",  # a byte order mark, no header: q2 is still q2
+    "\ufeffquery_id\tdoc_id\trelevance\r\nq2\td1\t1\r\nq1\td2\t2\r\n",  # BOM, another header, CRLF
+    "\nquery-id\tcorpus-id\tscore\nq2\td1\t1\textra\nq1\td2\t2\t\n",  # blank first line; extra columns
+])
+def test_qrels_variants_read_as_beir_reads_them(tmp_path, text):
+    root = tmp_path / "tiny"
+    write_beir(root, qrels={})
+    (root / "qrels" / "test.tsv").write_bytes(text.encode("utf-8"))
+    assert load_beir(root).qrels == {"test": {"q2": {"d1": 1}, "q1": {"d2": 2}}}
+
+
+def test_judgments_of_another_corpus_are_an_error_not_an_empty_split(tmp_path):
+    root = write_beir(tmp_path / "tiny", qrels={"test": "q1\tD1\t1\nQ2\td1\t1\n"})
+    with pytest.raises(ValueError, match=r"test\.tsv: none of its 2 pairs .*unknown query id, e.g. \['Q2'\].*"
+                                         r"unknown corpus id, e.g. \['D1'\]"):
+        load_beir(root)
+
+
+def test_gzipped_files_and_byte_order_marks_are_read(tmp_path):
+    import gzip
+
+    plain = load_beir(write_beir(tmp_path / "plain"))
+    root = write_beir(tmp_path / "gz")
+    for name in ("corpus.jsonl", "qrels/test.tsv"):
+        data = (root / name).read_bytes()
+        (root / name).unlink()
+        (root / f"{name}.gz").write_bytes(gzip.compress(data))
+    (root / "queries.jsonl").write_bytes(b"\xef\xbb\xbf" + (root / "queries.jsonl").read_bytes())
+    ds = load_beir(root)
+    assert (ds.corpus_ids, ds.corpus_texts, ds.query_ids, ds.qrels) == \
+           (plain.corpus_ids, plain.corpus_texts, plain.query_ids, plain.qrels)
+    assert load_beir(root, splits=["test"]).qrels == {"test": plain.qrels["test"]}
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    root = write_beir(tmp_path / "tiny")
+    with open(root / "corpus.jsonl", "ab") as f:
+        f.write('{"_id": "d4", "text": "caf\u00e9"}\n'.encode("cp1252"))
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:4: not UTF-8 text \(byte 0xe9"):
+        load_beir(root)
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"_id": None, "text": "x"}, "'_id' must be a string, got null"),
+    ({"_id": " ", "text": "x"}, "'_id' must be a non-empty string"),
+    ({"_id": "d4", "text": {"a": 1}}, "'text' must be a string"),
+    ({"_id": "d4", "title": ["t"], "text": "x"}, "'title' must be a string"),
+    (["d4", "x"], "a JSON list, not an object"),
+])
+def test_ids_and_texts_must_be_strings(tmp_path, line, message):
+    root = write_beir(tmp_path / "tiny", corpus=CORPUS + [line])
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:4: malformed line .*" + message.replace("[", r"\[")):
+        load_beir(root)
+    numeric = load_beir(write_beir(tmp_path / "n", corpus=CORPUS + [{"_id": 4, "text": 5}]))
+    assert numeric.corpus_ids[-1] == "4" and numeric.corpus_texts[-1] == "5"  # numbers are written out
 
 
 def test_unknown_name(tmp_path):
@@ -213,3 +279,18 @@ def test_real_scifact():
         assert sum(len(d) for d in qrels.values()) == n_pairs
         assert len(ds.split_query_ids(split)) == n_queries
     assert all(ds.corpus_texts) and all(ds.query_texts)
+
+
+def test_synthetic_folder_arguments_are_checked(tmp_path):
+    from jpq.data import make_synthetic_beir
+
+    for kw, message in [({"n_docs": 0}, "n_docs must be"), ({"n_queries": 1}, "n_queries must be"),
+                        ({"test_fraction": 1.0}, "test_fraction must leave both splits"),
+                        ({"test_fraction": -0.5}, "test_fraction must leave both splits")]:
+        with pytest.raises(ValueError, match=message):
+            make_synthetic_beir(tmp_path / "s", **kw)
+    make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20)
+    make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20, seed=1)  # rewriting its own files is fine
+    (tmp_path / "s" / "qrels" / "dev.tsv").write_text("q0\td0\t1\n")
+    with pytest.raises(ValueError, match=r"already holds \['dev.tsv'\]"):
+        make_synthetic_beir(tmp_path / "s", n_docs=50, n_queries=20)
