@@ -195,27 +195,13 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        # ints stay ints (a float epoch count, a bool seed would be read some other way)
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("negatives", 1), ("corpus_recon_docs", 1),
-                              ("pseudo_queries_per_step", 1), ("patience", 1), ("guard_min_queries", 2),
-                              ("seed", 0)):
-            check_int(name, getattr(self, name), minimum)
-        # rates and weights: finite and >= 0 (AdamW checks only its default rate, not a group's;
-        # a negative weight would reward what the term penalises)
-        for name in ("lr_encoder", "lr_centroids", "weight_decay", "recon_weight", "corpus_recon_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float, np.integer, np.floating)) \
-                or not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be a finite number > 0 (logits = scale * score), got {self.scale!r}")
+        check_fields(self, ints={"epochs": 1, "batch_size": 1, "negatives": 1, "corpus_recon_docs": 1,
+                                 "pseudo_queries_per_step": 1, "patience": 1, "guard_min_queries": 2, "seed": 0},
+                     non_negative=("lr_encoder", "lr_centroids", "weight_decay", "recon_weight", "corpus_recon_weight"),
+                     positive=("scale",))
         if self.holdout not in HOLDOUTS:
             raise ValueError(f"holdout must be one of {HOLDOUTS}, got {self.holdout!r}")
         check_metric_name(self.val_metric)  # ValueError for an unknown name, before any training
-        for f in dataclasses.fields(self):
-            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), (bool, np.bool_)):
-                raise TypeError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         check_eta(self.anisotropic_eta, "anisotropic_eta")
         if not (math.isfinite(self.pseudo_query_weight) and self.pseudo_query_weight >= 0):
             raise ValueError(f"pseudo_query_weight must be a finite number >= 0, got {self.pseudo_query_weight}")
@@ -227,6 +213,24 @@ class TrainConfig:
                              "(anisotropic_eta=1 turns the anisotropic one off)")
         if not 0.0 < self.query_aware_shrinkage <= 1.0:
             raise ValueError(f"query_aware_shrinkage must be in (0, 1], got {self.query_aware_shrinkage}")
+
+
+def check_fields(config, ints: dict, non_negative=(), positive=()) -> None:
+    """Checks shared by the training configurations, when they are made rather than when a value
+    is first used: `ints` {name: minimum} are ints (not floats or bools, which would be read
+    some other way), `non_negative` / `positive` names finite numbers >= 0 / > 0 (AdamW checks
+    only its default rate, not a group's; a negative weight rewards what its term penalises), and
+    every bool field is a bool."""
+    for name, minimum in ints.items():
+        check_int(name, getattr(config, name), minimum)
+    for name in (*non_negative, *positive):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value) or value < 0 or (name in positive and value == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name in positive else '>= 0'}, got {value!r}")
+    for f in dataclasses.fields(config):
+        if f.type in ("bool", bool) and not isinstance(getattr(config, f.name), (bool, np.bool_)):
+            raise TypeError(f"{f.name} must be True or False, got {getattr(config, f.name)!r}")
 
 
 def check_device(device) -> str:

@@ -88,11 +88,11 @@ from tqdm.auto import tqdm
 from .index import PQIndex, VectorIndexInput, matmul_t, searches_on_device, train_pq_centroids
 from .kernels import assign
 from .kernels.ivf import ivf_search
-from .kernels.arrays import array_kind, check_k, check_metric, to_numpy_f32
+from .kernels.arrays import array_kind, check_int, check_k, check_metric, to_numpy_f32
 from .kernels.dispatch import BACKENDS
 from .metrics import evaluate, mean_over_queries, paired_bootstrap, per_query
 from .storage import atomic_write_json, read_container, write_container
-from .train import Checkpointing, TrainState, ce_loss, fit_and_refit, holdout_split
+from .train import Checkpointing, TrainState, ce_loss, check_fields, fit_and_refit, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -815,9 +815,13 @@ class TreeConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
-        for name in ("epochs", "batch_size", "negatives", "reassign_every", "patience", "distill_topk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, ints={"epochs": 1, "batch_size": 1, "negatives": 1, "reassign_every": 1, "patience": 1,
+                                 "distill_topk": 1, "docs_per_step": 1, "seed": 0},
+                     non_negative=("lr_nodes", "lr_query", "lr_doc", "weight_decay", "retrieval_weight",
+                                   "routing_weight", "distill_weight", "doc_weight", "balance_weight"),
+                     positive=("scale",))
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
         if self.holdout not in ("random", "disjoint"):
             raise ValueError(f"holdout must be 'random' or 'disjoint', got {self.holdout!r}")
         _check_share(self.centroid_share)

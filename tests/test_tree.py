@@ -555,6 +555,13 @@ def test_bad_inputs_raise_clear_errors(small_tree):
         TreeConfig(epochs=0)
     with pytest.raises(ValueError, match="train_fraction"):
         TreeConfig(train_fraction=0.0)
+    for bad, error, message in [({"epochs": 2.5}, TypeError, "epochs must be an int"),
+                                ({"lr_query": -1e-3}, ValueError, "lr_query must be a finite number >= 0"),
+                                ({"scale": float("nan")}, ValueError, "scale must be a finite number > 0"),
+                                ({"threads": 0}, ValueError, "threads must be >= 1"),
+                                ({"refit": "yes"}, TypeError, "refit must be True or False")]:
+        with pytest.raises(error, match=message):
+            TreeConfig(**bad)
     ids = ["a"]
     with pytest.raises(ValueError, match="rows"):
         TreeTrainer(TreeConfig(), index, x[:-1], ids, {"a": {0: 1}}, query_embeddings={"a": q[0]})
