@@ -153,3 +153,10 @@ def test_tower_rate_rows_average_both_refits_over_seeds_with_every_rate():
     rows = bench.rate_rows(res, [1e-5, 2e-5], [0, 1], "jpq", 96)
     assert rows[2] == "| 1e-05 | 0.7500 / 0.3750 | 0.5000 / 0.2500 | 0.7500 / 0.3750 | 3, 3 |"
     assert rows[3] == "| 2e-05 | 0.6000 / 0.3000 | - | 0.6000 / 0.3000 | 5 |"
+
+
+def test_opq_variants_rank_correlation():
+    spearman = _bench_module("opq_variants").spearman
+    assert spearman([0.1, 0.3, 0.2], [1.0, 3.0, 2.0]) == pytest.approx(1.0)
+    assert spearman([0.1, 0.3, 0.2], [3.0, 1.0, 2.0]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
