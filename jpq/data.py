@@ -178,7 +178,11 @@ def title_queries(dataset: BeirDataset, max_words: int = 32) -> list[str]:
     """One label-free pseudo-query per document, in corpus order: its title, or for a document
     without one the first sentence of its text (at most `max_words` words). Used by
     `TrainConfig.pseudo_query_weight`: the document is the pseudo-query's one positive."""
+    if isinstance(max_words, bool) or not isinstance(max_words, (int, np.integer)) or max_words < 1:
+        raise ValueError(f"max_words must be an int >= 1, got {max_words!r}")
     titles = dataset.corpus_titles or [""] * len(dataset.corpus_ids)
+    if len(titles) != len(dataset.corpus_texts):
+        raise ValueError(f"the dataset has {len(titles)} titles for {len(dataset.corpus_texts)} documents")
     out = []
     for title, text in zip(titles, dataset.corpus_texts):
         if not title:

@@ -67,6 +67,12 @@ def test_title_queries_take_the_title_else_the_first_sentence(tmp_path):
     # a dataset built without titles uses the first sentences
     bare = BeirDataset(["a"], ["One. Two."], [], [], {}, "bare", "-")
     assert title_queries(bare) == ["One."]
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_words must be an int >= 1"):
+            title_queries(ds, max_words=bad)
+    short = BeirDataset(["a", "b"], ["One.", "Two."], [], [], {}, "short", "-", corpus_titles=["only one"])
+    with pytest.raises(ValueError, match="1 titles for 2 documents"):
+        title_queries(short)
 
 
 def test_index_lookups(tmp_path):
