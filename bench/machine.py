@@ -287,6 +287,13 @@ def add_nested_run_args(ap, stem: str) -> None:
     ap.add_argument("--out", default=str(RESULTS / f"{stem}.md"))
 
 
+def refit_mean(r: dict, part: str) -> float:
+    """The mean of the two refits' (`NestedHoldout.select_and_refit`) outer `part` ("all" or "unseen")."""
+    import numpy as np
+
+    return float(np.mean([r["refit"][part], r["refit'"][part]]))
+
+
 def read_cache(path) -> dict:
     """A bench script's JSON cache of finished runs: its contents, or {} when there is none yet."""
     import json
@@ -362,6 +369,29 @@ class NestedHoldout:
         if order_seed is not None:
             t.cfg = dataclasses.replace(cfg, seed=order_seed)
         return t
+
+    def select_and_refit(self, cfg, index, seed: int) -> dict:
+        """JPQ training as the demo does it, on the inner queries: a selection run of `cfg` (its
+        val_fraction held out) chooses the epoch count, then two refits on all inner queries for
+        that many epochs, one with `seed`'s batch order and one with seed + 1000's (batch order
+        alone moves a 96x refit by about 0.01). Returns {"epoch", "curve" (held-out scores),
+        "selected", "refit", "refit'"}, each run's `outer_scores`; with epoch 0 chosen, the start is
+        the model and both refits are it."""
+        import dataclasses
+
+        sel = self.trainer(cfg, index)
+        sel.fit()  # loads the selected state
+        best = sel.state.best_epoch
+        runs = {"epoch": best, "curve": [round(h["val"], 4) for h in sel.state.history],
+                "selected": self.outer_scores(sel)}
+        for name, order in (("refit", None), ("refit'", seed + 1000)):
+            if best == 0:
+                runs[name] = runs["selected"]
+                continue
+            ref = self.trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), index, order_seed=order)
+            ref.fit()
+            runs[name] = self.outer_scores(ref)
+        return runs
 
     def outer_scores(self, trainer, metric: str = "ndcg@10") -> dict:
         """`metric` of the trainer's current state on the outer queries: {"all": mean over all of

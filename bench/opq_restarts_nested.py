@@ -18,7 +18,6 @@ read. Runs are cached in --cache.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,14 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (RESULTS, SCIFACT, NestedHoldout, add_nested_run_args, read_cache,  # noqa: E402
+from machine import (RESULTS, SCIFACT, NestedHoldout, add_nested_run_args, read_cache, refit_mean,  # noqa: E402
                      write_cached_report)
 
 VARIANTS = ("selected", "refit", "refit'")
-
-
-def refit_mean(r: dict, part: str) -> float:
-    return float(np.mean([r["refit"][part], r["refit'"][part]]))
 
 
 def main(argv=None):
@@ -83,27 +78,12 @@ def main(argv=None):
             score = float(evaluate((top, val, ws.dataset.corpus_ids), val_qrels, ("ndcg@10",))["ndcg@10"])
             candidates.append((score, k, index))
             print(key, "restart", k, round(score, 4), flush=True)
-        def train_from(index) -> dict:
-            """JPQ full from `index` as the demo trains it: selection run, then two refits."""
-            sel = nested.trainer(cfg, index)
-            sel.fit()
-            best = sel.state.best_epoch
-            runs = {"epoch": best, "selected": nested.outer_scores(sel)}
-            for name, order in (("refit", None), ("refit'", seed + 1000)):
-                if best == 0:
-                    runs[name] = runs["selected"]
-                    continue
-                ref = nested.trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), index, order_seed=order)
-                ref.fit()
-                runs[name] = nested.outer_scores(ref)
-            return runs
-
         if "one index" not in r:  # no cached baseline: restart 0 is the demo's index
-            r["one index"] = train_from(candidates[0][2])
+            r["one index"] = nested.select_and_refit(cfg, candidates[0][2], seed)
         _, chosen, index = max(candidates, key=lambda c: (c[0], -c[1]))
         out = {"chosen": chosen, "held_out": [round(c[0], 4) for c in candidates]}
         # restart 0 is the baseline's index: the same runs
-        out.update({v: r["one index"][v] for v in ("epoch", *VARIANTS)} if chosen == 0 else train_from(index))
+        out.update({v: r["one index"][v] for v in ("epoch", *VARIANTS)} if chosen == 0 else nested.select_and_refit(cfg, index, seed))
         out["secs"] = round(time.perf_counter() - t0)
         r["restarts"] = out
         atomic_write_json(cache, res)

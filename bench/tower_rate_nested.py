@@ -20,7 +20,6 @@ present. Runs are cached in --cache, so an interrupted bench resumes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (RESULTS, SCIFACT, NestedHoldout, add_nested_run_args, read_cache,  # noqa: E402
+from machine import (RESULTS, SCIFACT, NestedHoldout, add_nested_run_args, read_cache, refit_mean,  # noqa: E402
                      write_cached_report)
 
 VARIANTS = ("selected", "refit", "refit'")
@@ -37,11 +36,6 @@ DEFAULT_RATE = 2e-5  # TrainConfig.lr_encoder
 
 def run_key(seed: int, mode: str, ratio: int, rate: float) -> str:
     return f"s{seed} {mode if mode == 'encoder' else f'{ratio}x'} lr {rate:g}"
-
-
-def refit_mean(r: dict, part: str) -> float:
-    """The mean of the two refits' outer `part` ("all" or "unseen")."""
-    return float(np.mean([r["refit"][part], r["refit'"][part]]))
 
 
 def rate_rows(res: dict, rates, seeds, mode: str, ratio: int) -> list[str]:
@@ -106,18 +100,7 @@ def main(argv=None):
             extra = {"lr_centroids": args.lr_centroids, "pseudo_query_weight": args.pseudo_query_weight} if jpq else {}
             cfg = TrainConfig(mode=args.mode, lr_encoder=rate, val_fraction=0.25, seed=seed, **extra)
             t0 = time.perf_counter()
-            sel = nested.trainer(cfg, index)
-            sel.fit()  # loads the selected state
-            best = sel.state.best_epoch
-            r = {"epoch": best, "curve": [round(h["val"], 4) for h in sel.state.history],
-                 "selected": nested.outer_scores(sel)}
-            for name, order in (("refit", None), ("refit'", seed + 1000)):
-                if best == 0:  # nothing to refit: the start is the model
-                    r[name] = r["selected"]
-                    continue
-                ref = nested.trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), index, order_seed=order)
-                ref.fit()
-                r[name] = nested.outer_scores(ref)
+            r = nested.select_and_refit(cfg, index, seed)
             r["secs"] = round(time.perf_counter() - t0)
             res[key] = r
             atomic_write_json(cache, res)
