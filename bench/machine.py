@@ -294,6 +294,22 @@ def refit_mean(r: dict, part: str) -> float:
     return float(np.mean([r["refit"][part], r["refit'"][part]]))
 
 
+def add_soup_cache_arg(ap, what: str) -> None:
+    """--soup-cache: bench/refit_soup_nested.py's runs on the same data, which serve as `what`."""
+    ap.add_argument("--soup-cache", default=None,
+                    help=f"runs of bench/refit_soup_nested.py on the same data: {what} (default: "
+                         "bench/results/refit_soup_nested.json with the default --data and embeddings, else none)")
+
+
+def read_soup_cache(args) -> dict:
+    """The runs --soup-cache names (`add_soup_cache_arg`), defaulting to the committed
+    bench/results/refit_soup_nested.json when --data and --embeddings are the defaults (sets
+    args.soup_cache to it); {} when there are none."""
+    if args.soup_cache is None and args.data == str(SCIFACT) and args.embeddings is None:
+        args.soup_cache = str(RESULTS / "refit_soup_nested.json")
+    return read_cache(args.soup_cache) if args.soup_cache else {}
+
+
 def read_cache(path) -> dict:
     """A bench script's JSON cache of finished runs: its contents, or {} when there is none yet."""
     import json

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (RESULTS, SCIFACT, NestedHoldout, add_nested_run_args, read_cache, refit_mean,  # noqa: E402
-                     write_cached_report)
+from machine import (NestedHoldout, add_nested_run_args, add_soup_cache_arg, read_cache,  # noqa: E402
+                     read_soup_cache, refit_mean, write_cached_report)
 
 VARIANTS = ("selected", "refit", "refit'")
 
@@ -35,9 +35,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_nested_run_args(ap, "opq_restarts_nested")
     ap.add_argument("--restarts", type=int, default=5, help="OPQ indexes per seed (k-means seeds seed + 1000 r)")
-    ap.add_argument("--soup-cache", default=None,
-                    help="bench/refit_soup_nested.py runs on the same data: the one-index baseline "
-                         "(default: bench/results/refit_soup_nested.json with the default --data)")
+    add_soup_cache_arg(ap, "the one-index baseline")
     args = ap.parse_args(argv)
 
     from jpq.metrics import evaluate
@@ -47,9 +45,7 @@ def main(argv=None):
 
     cache = Path(args.cache)
     res = read_cache(cache)
-    if args.soup_cache is None and args.data == str(SCIFACT) and args.embeddings is None:
-        args.soup_cache = str(RESULTS / "refit_soup_nested.json")
-    soup = read_cache(args.soup_cache) if args.soup_cache else {}
+    soup = read_soup_cache(args)
     nested = NestedHoldout(args.data, args.embeddings, pseudo_queries=args.pseudo_query_weight > 0)
     ws = nested.ws
     M = m_for_ratio(ws.d, args.ratio)

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (RESULTS, SCIFACT, NestedHoldout, add_nested_run_args, read_cache, refit_mean,  # noqa: E402
-                     write_cached_report)
+from machine import (NestedHoldout, add_nested_run_args, add_soup_cache_arg, read_cache,  # noqa: E402
+                     read_soup_cache, refit_mean, write_cached_report)
 
 VARIANTS = ("selected", "refit", "refit'")
 DEFAULT_RATE = 2e-5  # TrainConfig.lr_encoder
@@ -66,9 +66,7 @@ def main(argv=None):
     ap.add_argument("--rates", default="1e-5,2e-5,4e-5", help="query tower learning rates")
     ap.add_argument("--mode", default="jpq", choices=("jpq", "encoder"),
                     help="jpq: JPQ full at --ratio; encoder: uncompressed-trained (no index)")
-    ap.add_argument("--soup-cache", default=None,
-                    help="runs of bench/refit_soup_nested.py on the same data: JPQ full at the default rate "
-                         "(default: bench/results/refit_soup_nested.json with the default --data, else none)")
+    add_soup_cache_arg(ap, "JPQ full at the default rate")
     args = ap.parse_args(argv)
 
     from jpq.pipeline import build_index, m_for_ratio
@@ -77,9 +75,7 @@ def main(argv=None):
 
     cache = Path(args.cache)
     res = read_cache(cache)
-    if args.soup_cache is None and args.data == str(SCIFACT) and args.embeddings is None:
-        args.soup_cache = str(RESULTS / "refit_soup_nested.json")
-    soup = read_cache(args.soup_cache) if args.mode == "jpq" and args.soup_cache else {}
+    soup = read_soup_cache(args) if args.mode == "jpq" else {}
     seeds = [int(s) for s in args.seeds.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
     jpq = args.mode == "jpq"
