@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -333,6 +334,19 @@ def holdout_split(query_ids: list[str], qrels: dict, fraction: float, seed: int,
     return [q for q in query_ids if q not in val_set], [q for q in query_ids if q in val_set]
 
 
+def check_holdout(train_ids: list, val_ids: list, fraction: float, holdout: str) -> None:
+    """Refuse a hold-out that leaves nothing to train on; warn when it holds out more queries than it
+    trains on (a `val_fraction` near 1, or a "disjoint" hold-out whose groups of queries sharing a
+    positive overshoot the fraction): the model is then fitted on a handful of queries."""
+    n = len(train_ids) + len(val_ids)
+    if not train_ids:
+        raise ValueError(f"val_fraction={fraction} ({holdout} hold-out) holds out all {n} training queries with a "
+                         "relevant document: nothing left to train on; lower val_fraction")
+    if len(val_ids) > len(train_ids):
+        warnings.warn(f"val_fraction={fraction} ({holdout} hold-out) trains on {len(train_ids)} of {n} queries "
+                      f"and holds out {len(val_ids)}: fewer training than held-out queries", stacklevel=3)
+
+
 # --------------------------------------------------------------------------- losses
 # Up to this many rows `sample_rows` draws with torch.randperm, as every run before 2026-12-04 did
 # (so runs on such corpora draw the same rows as then); above it, an O(n) draw.
@@ -615,6 +629,7 @@ class JPQTrainer(Checkpointing):
             raise ValueError(f"{len(missing)} training queries have no text/embedding, e.g. {missing[:3]}")
         self.train_ids, self.val_ids = holdout_split(ids, self.qrels, config.val_fraction, config.seed,
                                                      disjoint=config.holdout == "disjoint")
+        check_holdout(self.train_ids, self.val_ids, config.val_fraction, config.holdout)
         seen_docs = {d for q in self.train_ids for d in self.qrels[q]}
         self.val_unseen_ids = [q for q in self.val_ids if not any(d in seen_docs for d in self.qrels[q])]
         self.guarded = config.unseen_guard and len(self.val_unseen_ids) >= config.guard_min_queries

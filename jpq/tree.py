@@ -92,7 +92,7 @@ from .kernels.arrays import array_kind, check_int, check_k, check_metric, to_num
 from .kernels.dispatch import BACKENDS
 from .metrics import evaluate, mean_over_queries, paired_bootstrap, per_query
 from .storage import atomic_write_json, read_container, write_container
-from .train import Checkpointing, TrainState, ce_loss, check_fields, fit_and_refit, holdout_split
+from .train import Checkpointing, TrainState, ce_loss, check_fields, check_holdout, fit_and_refit, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -901,6 +901,7 @@ class TreeTrainer(Checkpointing):
             raise ValueError(f"qrels point to document rows outside [0, {len(self.X)}), e.g. {bad[:3]}")
         self.train_ids, self.val_ids = holdout_split(ids, self.qrels, config.val_fraction, config.seed,
                                                      disjoint=config.holdout == "disjoint")
+        check_holdout(self.train_ids, self.val_ids, config.val_fraction, config.holdout)
         log.info("tree training on %d queries, validating on %d held-out queries", len(self.train_ids),
                  len(self.val_ids))
         self.router = TreeRouter(index)

@@ -1,4 +1,6 @@
 """JPQ trainer: learning on a synthetic task, resume == uninterrupted, losses, splits, export."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,17 @@ def test_holdout_split_random_and_disjoint():
     tr, va = holdout_split(ids, qrels, 0.2, seed=1, disjoint=True)
     seen = {d for q in tr for d in qrels[q]}
     assert va and not any(d in seen for q in va for d in qrels[q])
+
+
+def test_a_hold_out_that_leaves_nothing_to_train_on_is_refused_and_a_lopsided_one_warns():
+    with pytest.raises(ValueError, match="val_fraction=0.999 .*nothing left to train on"):
+        make_trainer(val_fraction=0.999)
+    with pytest.warns(UserWarning, match=r"trains on 24 of 240 queries and holds out 216"):
+        trainer = make_trainer(val_fraction=0.9)
+    assert (len(trainer.train_ids), len(trainer.val_ids)) == (24, 216)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default hold-out: no warning
+        make_trainer()
 
 
 def test_losses_push_positives_up():

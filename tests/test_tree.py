@@ -571,6 +571,8 @@ def test_bad_inputs_raise_clear_errors(small_tree):
         TreeTrainer(TreeConfig(), index, x, ids, {"a": {10**6: 1}}, query_embeddings={"a": q[0]})
     with pytest.raises(TypeError, match="TreeConfig"):
         TreeTrainer({"epochs": 1}, index, x, ids, {"a": {0: 1}}, query_embeddings={"a": q[0]})
+    with pytest.raises(ValueError, match="nothing left to train on"):  # one query, and it is held out
+        TreeTrainer(TreeConfig(val_fraction=0.9), index, x, ids, {"a": {0: 1}}, query_embeddings={"a": q[0]})
 
 
 def test_size_rules():
