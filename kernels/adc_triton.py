@@ -49,7 +49,9 @@ def pair_rows(idx_ptr, P, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
     columns, their in-bounds mask and each candidate's document row (idx[b, p] when PAIRS, else
     p). Grid: (candidate blocks, queries); shared by every kernel `launch_pairs` launches."""
     b = tl.program_id(1).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 before the product: with P >= 2**31 candidates (2**31 documents of 16 bytes fit on one
+    # GPU) an int32 block offset wraps negative, which the `< P` mask would not catch
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
     if PAIRS:
         docs = tl.load(idx_ptr + b * P + offs_p, mask=mask_p, other=0)

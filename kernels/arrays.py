@@ -26,9 +26,19 @@ def cuda_device_of(t):
     return contextlib.nullcontext()
 
 
+# the values Triton's own boolean knobs read as true (triton.knobs, case-insensitive)
+TRUE_ENV_VALUES = ("1", "true", "on", "yes")
+
+
 def is_interpreter() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1): read as Triton
+    reads it (`triton.knobs.runtime.interpret` where Triton has it), so TRITON_INTERPRET=false or 2,
+    which Triton takes for off, is off here too."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no Triton, or one from before triton.knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in TRUE_ENV_VALUES
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,9 @@ def check_float_matrix(name: str, x, ndim: int = 2, values: bool = True):
     return x
 
 
+TORCH_UNREDUCED_UINTS = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+
+
 def check_codes(codes, M: int, K: int, name: str = "codes", values: bool = True):
     """Validate PQ codes: integer (N, M) with every value in [0, K) (the value range, a pass over
     all codes, only with `values`, and only where the dtype allows a value out of range: uint8
@@ -117,12 +130,15 @@ def check_codes(codes, M: int, K: int, name: str = "codes", values: bool = True)
         return codes
     if unsigned and K >= 2 ** bits:
         return codes  # every value the dtype holds is a valid code
-    hi = int(codes.max())
+    # torch's uint16 / uint32 / uint64 have no max / min: check a copy as int64 (where a uint64 code of
+    # 2**63 or more turns negative, still out of range)
+    checked = codes.to(torch.int64) if is_torch and codes.dtype in TORCH_UNREDUCED_UINTS else codes
+    hi = int(checked.max())
     if unsigned:
         if hi >= K:
             raise ValueError(f"{name} values must lie in [0, {K}), found a maximum of {hi}")
         return codes
-    lo = int(codes.min())
+    lo = int(checked.min())
     if lo < 0 or hi >= K:
         raise ValueError(f"{name} values must lie in [0, {K}), found range [{lo}, {hi}]")
     return codes

@@ -69,7 +69,7 @@ def _assign_kernel(
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = rows < n
     rows64 = rows.to(tl.int64)  # n * D passes 2**31 at a few million rows
     offs_k = tl.arange(0, BLOCK_K)

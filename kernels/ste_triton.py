@@ -128,7 +128,7 @@ def _recon_error_kernel(x_ptr, c_ptr, codes_ptr, out_ptr, N, M, K, ds,
         x_ptr: shape=(N, M * ds), float32; c_ptr: centroids, shape=(M, K, ds), float32;
         codes_ptr: shape=(N, M), uint8; out_ptr: shape=(N,), float32 (written).
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: past 2**31 rows an int32 offset wraps
     mask_n = rows < N
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -149,7 +149,7 @@ def _recon_error_kernel(x_ptr, c_ptr, codes_ptr, out_ptr, N, M, K, ds,
 def _subspace_rows(codes_ptr, N, M, BLOCK_N: tl.constexpr):
     """This program's documents (int64 rows and in-bounds mask; axis 0) in subspace m (axis 1)
     and their codes there (int64)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: past 2**31 rows an int32 offset wraps
     m = tl.program_id(1)
     mask_n = rows < N
     rows64 = rows.to(tl.int64)

@@ -272,8 +272,12 @@ def test_build_lut_rejects_bad_dimensions():
         build_lut(np.full((2, 12), np.nan, np.float32), C)
 
 
-def test_named_triton_backend_raises_when_it_cannot_run(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("off", ["0", "", "false", "off", "2"])  # what Triton reads as off
+def test_named_triton_backend_raises_when_it_cannot_run(monkeypatch, off):
+    from jpq.kernels.arrays import is_interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", off)
+    assert not is_interpreter()
     lut = np.zeros((1, 2, 4), np.float32)
     codes = np.zeros((3, 2), np.uint8)
     with pytest.raises(RuntimeError, match="triton"):
@@ -281,6 +285,14 @@ def test_named_triton_backend_raises_when_it_cannot_run(monkeypatch):
     # auto falls back quietly to the CPU path
     D, I = adc_topk(lut, codes, 1, backend="auto")
     assert numpy_of(I).tolist() == [[0]]
+
+
+@pytest.mark.parametrize("on", ["1", "true", "On", "yes"])
+def test_the_interpreter_is_on_for_what_triton_reads_as_on(monkeypatch, on):
+    from jpq.kernels.arrays import is_interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", on)
+    assert is_interpreter()
 
 
 def test_check_false_skips_value_checks_never_shapes():
@@ -328,11 +340,21 @@ def test_code_range_check_rejects_every_out_of_range_value_its_dtype_can_hold(as
     signed[3, 2] = 256
     with pytest.raises(ValueError, match=r"found range \[0, 256\]"):
         check_codes(wrap(signed), 4, 256)
-    if not as_torch:  # torch has no reductions on uint16
-        wide = ok.astype(np.uint16)
-        wide[0, 0] = 300
-        with pytest.raises(ValueError, match="found a maximum of 300"):
-            check_codes(wide, 4, 256)
+    wide = ok.astype(np.uint16)
+    wide[0, 0] = 300
+    with pytest.raises(ValueError, match="found a maximum of 300" if not as_torch else r"found range \[1, 300\]"):
+        check_codes(wrap(wide), 4, 256)  # torch's uint16 has no max: checked as int64
+    if as_torch:
+        for dtype in (torch.uint16, torch.uint32, torch.uint64):
+            codes = torch.from_numpy(ok.astype(np.int64)).to(dtype)
+            assert check_codes(codes, 4, 256) is codes
+            lut = torch.randn(3, 4, 256)
+            D, I = adc_topk(lut, codes, 5)
+            D_ref, I_ref = adc_topk(lut, codes.to(torch.int64), 5)
+            torch.testing.assert_close(D, D_ref)
+            torch.testing.assert_close(I, I_ref)
+            with pytest.raises(ValueError, match=r"found range \[0, 256\]"):
+                check_codes(torch.from_numpy(signed).clamp(min=0).to(dtype), 4, 256)
     assert check_codes(wrap(signed), 4, 256, values=False) is not None  # values=False: shape and dtype only
 
 
