@@ -43,7 +43,7 @@ def main(argv=None):
     records = json.loads((demo / "results.json").read_text())
     ws = load_workspace(args.data, progress=False)
     ds = ws.dataset
-    qrels = ds.qrels[ws.test_split]
+    qrels = ds.evaluation_qrels(ws.test_split)
     train_pos = {d for rel in ds.qrels[ws.train_split].values() for d, r in rel.items() if r > 0}
     test_ids = ws.test_ids()
     unseen = [q for q in test_ids if not any(r > 0 and d in train_pos for d, r in qrels.get(q, {}).items())]

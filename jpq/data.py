@@ -60,6 +60,10 @@ class BeirDataset:
         path: the folder it was read from.
         corpus_titles: each document's title, stripped ("" when it has none), in corpus order;
             empty when the dataset was built without titles.
+        unmatched_qrels: split name -> {query_id: {doc_id: relevance}} for judgments of known
+            queries whose document is not in the corpus. They are kept out of `qrels` (nothing
+            can retrieve or train on them) but `evaluation_qrels` adds them back, so metrics
+            count them as pytrec_eval on the raw qrels file (and BEIR's EvaluateRetrieval) do.
     """
 
     corpus_ids: list[str]
@@ -70,17 +74,34 @@ class BeirDataset:
     name: str
     path: str
     corpus_titles: list[str] = field(default_factory=list)
+    unmatched_qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     _doc_rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
     _query_rows: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
     _fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False,
                                           compare=False)
 
-    def split_query_ids(self, split: str) -> list[str]:
-        """Ids of the queries judged in `split`, in queries.jsonl order."""
+    def split_query_ids(self, split: str, evaluation: bool = False) -> list[str]:
+        """Ids of the queries judged in `split`, in queries.jsonl order; with `evaluation`, also
+        those whose only judgments name documents missing from the corpus (`evaluation_qrels`)."""
+        judged = self.evaluation_qrels(split) if evaluation else self._split(split)
+        return [qid for qid in self.query_ids if qid in judged]
+
+    def evaluation_qrels(self, split: str) -> dict[str, dict[str, int]]:
+        """`qrels[split]` plus `unmatched_qrels[split]`: the split's judgments as its qrels file
+        has them (of known queries), what test metrics are computed against, so Recall and nDCG
+        count a judged document the corpus lacks as relevant and never retrieved."""
+        qrels, extra = self._split(split), self.unmatched_qrels.get(split, {})
+        if not extra:
+            return qrels
+        merged = {q: dict(rel) for q, rel in qrels.items()}
+        for q, rel in extra.items():
+            merged.setdefault(q, {}).update(rel)
+        return merged
+
+    def _split(self, split: str) -> dict[str, dict[str, int]]:
         if split not in self.qrels:
             raise ValueError(f"split={split!r} is not loaded; available: {sorted(self.qrels)}")
-        judged = self.qrels[split]
-        return [qid for qid in self.query_ids if qid in judged]
+        return self.qrels[split]
 
     def query_index(self, ids: Iterable[str]) -> np.ndarray:
         """Row positions of query `ids` in `query_ids`: shape=(len(ids),), dtype=np.int64."""
@@ -169,9 +190,13 @@ def load_beir(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | No
     else:
         files = {s: _beir_file(folder / "qrels" / f"{s}.tsv") for s in splits}
     known_docs, known_queries = set(corpus_ids), set(query_ids)
-    qrels = {split: _read_qrels(f, known_queries, known_docs) for split, f in sorted(files.items())}
+    qrels, unmatched = {}, {}
+    for split, f in sorted(files.items()):
+        qrels[split], missing_docs = _read_qrels(f, known_queries, known_docs)
+        if missing_docs:
+            unmatched[split] = missing_docs
     return BeirDataset(corpus_ids, corpus_texts, query_ids, query_texts, qrels,
-                       name=folder.name, path=str(folder), corpus_titles=corpus_titles)
+                       name=folder.name, path=str(folder), corpus_titles=corpus_titles, unmatched_qrels=unmatched)
 
 
 def title_queries(dataset: BeirDataset, max_words: int = 32) -> list[str]:
@@ -271,16 +296,18 @@ def _read_jsonl(file: Path, title: bool) -> tuple[list[str], list[str], list[str
     return ids, texts, heads
 
 
-def _read_qrels(file: Path, known_queries: set[str],
-                known_docs: set[str]) -> dict[str, dict[str, int]]:
+def _read_qrels(file: Path, known_queries: set[str], known_docs: set[str]):
     """Read one qrels TSV as BEIR's loader does: query-id, corpus-id and an integer score in the
     first three tab-separated columns (more are ignored), a header line first if its score is
-    not an integer. Pairs whose query or document id is unknown are dropped with a warning that
-    counts and shows them; a file whose every pair is dropped raises ValueError (the ids do not
-    belong to this corpus and these queries)."""
+    not an integer. Return (qrels, unmatched): the pairs of known queries and documents, and those
+    of known queries whose document is not in the corpus (kept for evaluation only). Pairs with an
+    unknown query id are dropped; a warning counts and shows both kinds. A file none of whose pairs
+    names a known query and document raises ValueError (the ids do not belong to this corpus and
+    these queries)."""
     if not file.is_file():
         raise FileNotFoundError(f"missing BEIR qrels file: {file}")
     qrels: dict[str, dict[str, int]] = {}
+    unmatched: dict[str, dict[str, int]] = {}
     unknown_queries, unknown_docs, pairs, first = [], [], 0, True
     for lineno, line in _text_lines(file):
         if not line.strip():
@@ -303,6 +330,7 @@ def _read_qrels(file: Path, known_queries: set[str],
             unknown_queries.append(qid)
         elif did not in known_docs:
             unknown_docs.append(did)
+            unmatched.setdefault(qid, {})[did] = score
         else:
             qrels.setdefault(qid, {})[did] = score
     dropped = len(unknown_queries) + len(unknown_docs)
@@ -312,8 +340,11 @@ def _read_qrels(file: Path, known_queries: set[str],
         if dropped == pairs:
             raise ValueError(f"{file}: none of its {pairs} pairs names a known query and corpus document ({what}): "
                              "these judgments are not of this corpus and these queries")
-        logger.warning("%s: dropped %d of %d qrels pairs (%s)", file, dropped, pairs, what)
-    return qrels
+        kept = (f"; the {len(unknown_docs)} of known queries with a document missing from the corpus are kept for "
+                "evaluation (relevant, never retrieved, as pytrec_eval on this file counts them), not for training"
+                if unknown_docs else "")
+        logger.warning("%s: %d of %d qrels pairs name an unknown id (%s)%s", file, dropped, pairs, what, kept)
+    return qrels, unmatched
 
 
 def download_beir(name: str, cache_dir: str | os.PathLike | None = None, *,

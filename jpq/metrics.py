@@ -65,7 +65,7 @@ def evaluate(run: RunLike, qrels: Qrels,
     Args:
         run: `{qid: {doc_id: score}}`, or `(I, query_ids, doc_ids)` with I of shape=(nq, k),
             integer dtype, -1 padded, rows already in rank order.
-        qrels: `{qid: {doc_id: relevance}}`, e.g. `BeirDataset.qrels["test"]`.
+        qrels: `{qid: {doc_id: relevance}}`, e.g. `BeirDataset.evaluation_qrels("test")`.
         metrics: names "<metric>@<k>" with metric in ndcg, mrr, recall, map, precision.
 
     Returns:

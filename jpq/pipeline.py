@@ -60,7 +60,8 @@ class Workspace:
         return self.dataset.split_query_ids(self.train_split)
 
     def test_ids(self):
-        return self.dataset.split_query_ids(self.test_split)
+        """The test split's queries as its qrels file judges them (`BeirDataset.evaluation_qrels`)."""
+        return self.dataset.split_query_ids(self.test_split, evaluation=True)
 
     def train_qrels_by_row(self) -> dict:
         doc_row = {d: i for i, d in enumerate(self.dataset.corpus_ids)}
@@ -168,7 +169,7 @@ def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: l
         I = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy()
     else:
         I = index.search(q, k)[1]
-    qrels = ws.dataset.qrels[ws.test_split]
+    qrels = ws.dataset.evaluation_qrels(ws.test_split)
     return (per_query_metrics if per_query else evaluate)((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
 
 

@@ -1284,9 +1284,9 @@ def run_tree_demo(dataset, doc_emb: np.ndarray, query_emb: np.ndarray, out_dir, 
     if ckpt is not None:
         tree.save(Path(ckpt) / "tree.jpq")
 
-    test_ids = dataset.split_query_ids(test_split)
+    test_ids = dataset.split_query_ids(test_split, evaluation=True)
     qt = query_emb[dataset.query_index(test_ids)]
-    qrels = dataset.qrels[test_split]
+    qrels = dataset.evaluation_qrels(test_split)
     leaves = init.n_leaves
 
     def per_query_metrics(I):

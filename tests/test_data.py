@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jpq.data import BeirDataset, download_beir, load_beir, title_queries
+from jpq.metrics import per_query
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
 
@@ -45,16 +46,42 @@ def test_load_tiny(tmp_path, caplog):
     assert ds.corpus_texts == ["Title one Body one.", "no title here", "missing title key"]
     assert ds.corpus_titles == ["Title one", "", ""]
     assert ds.query_ids == ["q1", "q2", "q3"] and ds.query_texts == ["first?", "second", "third"]
-    # Score-0 rows stay in qrels (metrics decide relevance); unknown ids are dropped.
+    # Score-0 rows stay in qrels (metrics decide relevance); unknown ids are left out of qrels, a known
+    # query's judgment of a document the corpus lacks is kept for evaluation only.
     assert ds.qrels == {"test": {"q2": {"d1": 1}, "q1": {"d2": 2, "d3": 0}},
                         "train": {"q3": {"d3": 1}}}
-    assert "dropped 2 of 5 qrels pairs (1 with an unknown query id, e.g. ['q9']; 1 with an unknown corpus id, " \
-           "e.g. ['unknown-doc'])" in caplog.text
+    assert ds.unmatched_qrels == {"test": {"q1": {"unknown-doc": 1}}}
+    assert ds.evaluation_qrels("test") == {"q2": {"d1": 1}, "q1": {"d2": 2, "d3": 0, "unknown-doc": 1}}
+    assert ds.evaluation_qrels("train") is ds.qrels["train"]
+    assert "2 of 5 qrels pairs name an unknown id (1 with an unknown query id, e.g. ['q9']; 1 with an unknown " \
+           "corpus id, e.g. ['unknown-doc']); the 1 of known queries with a document missing from the corpus are " \
+           "kept for evaluation" in caplog.text
     # queries.jsonl order, not qrels order
     assert ds.split_query_ids("test") == ["q1", "q2"]
     assert ds.split_query_ids("train") == ["q3"]
+    assert ds.split_query_ids("test", evaluation=True) == ["q1", "q2"]
     with pytest.raises(ValueError, match="split='dev'"):
         ds.split_query_ids("dev")
+
+
+def test_judgments_of_documents_missing_from_the_corpus_count_in_evaluation_as_pytrec_eval_counts_them(tmp_path):
+    # q1 judges d1 (in the corpus) and gone (not); q2 judges only gone2: BEIR's loader keeps both queries
+    # and pytrec_eval scores them on the raw file, so a perfect run has q1 Recall@100 1/2 and q2 0.
+    root = write_beir(tmp_path / "gaps", qrels={"test": "q1\td1\t1\nq1\tgone\t1\nq2\tgone2\t1\nq2\td2\t0\n",
+                                                 "train": TRAIN_TSV})
+    ds = load_beir(root)
+    assert ds.qrels["test"] == {"q1": {"d1": 1}, "q2": {"d2": 0}}  # training never sees the gaps
+    assert ds.split_query_ids("test") == ["q1", "q2"]
+    assert ds.evaluation_qrels("test") == {"q1": {"d1": 1, "gone": 1}, "q2": {"d2": 0, "gone2": 1}}
+    run = (np.array([[0, 1, 2], [1, 0, 2]]), ["q1", "q2"], ds.corpus_ids)
+    values = per_query(run, ds.evaluation_qrels("test"), ("recall@100", "ndcg@10", "mrr@10"))
+    assert values["recall@100"] == {"q1": 0.5, "q2": 0.0}
+    assert values["ndcg@10"]["q1"] == pytest.approx(1 / (1 + 1 / np.log2(3)))  # ideal DCG holds both documents
+    assert values["mrr@10"] == {"q1": 1.0, "q2": 0.0}
+    # a query whose only judgment names a missing document is still a test query (scored 0)
+    root = write_beir(tmp_path / "only-gap", qrels={"test": "q1\td1\t1\nq3\tgone\t1\n", "train": TRAIN_TSV})
+    ds = load_beir(root)
+    assert ds.split_query_ids("test") == ["q1"] and ds.split_query_ids("test", evaluation=True) == ["q1", "q3"]
 
 
 def test_title_queries_take_the_title_else_the_first_sentence(tmp_path):
