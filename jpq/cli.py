@@ -180,6 +180,9 @@ def cmd_search(args):
     from .index import PQIndex
 
     index = PQIndex.load(args.index)
+    if args.data and index.ids is not None:
+        raise ValueError(f"{args.index} holds its own ids (added with add_with_ids), which search prints; --data "
+                         "maps the positions of an index without ids to the corpus' document ids")
     enc = SentenceEncoder(args.encoder or args.model)
     q = enc.encode(args.query)
     D, I = index.search(q, args.k)

@@ -254,6 +254,7 @@ class PQIndex(VectorIndexInput):
         self.centroids: np.ndarray | None = None  # (M, K, d // M) float32
         self.rotation: np.ndarray | None = None  # (d, d) float32; x_rot = x @ rotation.T
         self.codes = np.empty((0, self.M), np.uint8)  # (ntotal, M) uint8
+        self.ids: np.ndarray | None = None  # (ntotal,) int64 once vectors are added with ids
 
     # ------------------------------------------------------------------ properties
     @property
@@ -282,7 +283,8 @@ class PQIndex(VectorIndexInput):
 
     def __repr__(self) -> str:
         return (f"PQIndex(d={self.d}, M={self.M}, nbits={self.nbits}, metric={self.metric!r}, "
-                f"opq={self.opq}, {'unit_norm=True, ' if self.unit_norm else ''}ntotal={self.ntotal})")
+                f"opq={self.opq}, {'unit_norm=True, ' if self.unit_norm else ''}ntotal={self.ntotal}"
+                f"{', with ids' if self.ids is not None else ''})")
 
     # ------------------------------------------------------------------ helpers
     def rotate(self, x: np.ndarray) -> np.ndarray:
@@ -362,29 +364,105 @@ class PQIndex(VectorIndexInput):
         """Encode x (n, d) and append; ids continue from ntotal. A unit_norm index refuses
         vectors whose norm is not 1 (within 1e-3): it would score them as if it were."""
         self._require_trained()
-        x = self._vectors("x", x)
+        self._append(self._encode_vectors(self._checked_norms(self._vectors("x", x))), None, "add")
+
+    def add_with_ids(self, x, ids):
+        """Encode x (n, d) and append them under `ids` (n,) integers >= 0, which `search` then
+        returns instead of positions (as faiss' IndexIDMap2 over an IndexPQ). An index holds
+        vectors added with ids or without, not both; ids need not be unique or sorted (as in faiss)."""
+        self._require_trained()
+        x = self._checked_norms(self._vectors("x", x))
+        self._append(self._encode_vectors(x), self._check_ids(ids, len(x)), "add_with_ids")
+
+    def add_codes(self, codes, ids=None):
+        """Append encoded vectors (n, M) (e.g. `encode`'s output), with `ids` (n,) as
+        `add_with_ids` or without as `add`."""
+        self._require_trained()
+        array_kind(codes=codes)
+        codes = to_numpy_codes(check_codes(codes, self.M, self.K))
+        self._append(codes, None if ids is None else self._check_ids(ids, len(codes)), "add_codes")
+
+    def _checked_norms(self, x: np.ndarray) -> np.ndarray:
         if self.unit_norm:
             norms = np.linalg.norm(x, axis=1)
             if len(x) and np.abs(norms - 1.0).max() > 1e-3:
                 raise ValueError(f"this index has unit_norm=True, but x has norms in [{norms.min():.4g}, "
                                  f"{norms.max():.4g}]: normalise the vectors, or use unit_norm=False")
-        self.codes = np.concatenate([self.codes, self._encode_vectors(x)])
+        return x
 
-    def add_codes(self, codes):
-        self._require_trained()
-        array_kind(codes=codes)
-        self.codes = np.concatenate([self.codes, to_numpy_codes(check_codes(codes, self.M, self.K))])
+    @staticmethod
+    def _check_ids(ids, n: int) -> np.ndarray:
+        """ids as a C-contiguous int64 NumPy array of shape (n,), every value >= 0 (-1 pads results)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        ids = np.asarray(ids)
+        if ids.dtype == np.bool_ or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        if ids.shape != (n,):
+            raise ValueError(f"ids must have shape ({n},) (one per vector), got {ids.shape}")
+        if np.issubdtype(ids.dtype, np.unsignedinteger) and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"ids must fit in int64, found {ids.max()}")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"ids must be >= 0 (-1 marks padding in search results), found {ids.min()}")
+        return ids
+
+    def _append(self, codes: np.ndarray, ids: np.ndarray | None, how: str) -> None:
+        if self.ntotal and (ids is None) != (self.ids is None):
+            held = "with ids (add_with_ids)" if self.ids is not None else "without ids (add)"
+            raise ValueError(f"this index holds {self.ntotal} vectors added {held}; {how} "
+                             f"{'without' if ids is None else 'with'} ids would mix positions and ids: "
+                             f"add them the same way (or reset() first)")
+        if not self.ntotal:
+            self.ids = ids  # an emptied index takes either kind again
+        elif ids is not None:
+            self.ids = np.concatenate([self.ids, ids])
+        self.codes = np.concatenate([self.codes, codes])
 
     def reset(self):
         self.codes = np.empty((0, self.M), np.uint8)
+        self.ids = None
+
+    def remove_ids(self, ids) -> int:
+        """Remove the vectors whose id is in `ids` (an index without ids: whose position is; the
+        later positions then shift down, as in faiss); return how many were removed."""
+        remove = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        if remove.ndim != 1 or not (np.issubdtype(remove.dtype, np.integer) or remove.size == 0) \
+                or remove.dtype == np.bool_:
+            raise TypeError(f"ids must be a 1-d sequence of integers, got dtype {remove.dtype}, shape {remove.shape}")
+        keys = self.ids if self.ids is not None else np.arange(self.ntotal, dtype=np.int64)
+        keep = ~np.isin(keys, remove.astype(np.int64, copy=False))
+        removed = int(self.ntotal - keep.sum())
+        if removed:
+            self.codes = np.ascontiguousarray(self.codes[keep])
+            if self.ids is not None:
+                self.ids = np.ascontiguousarray(self.ids[keep])
+        return removed
+
+    def _row_of(self, key: int, what: str) -> int:
+        """The position of id `key` (its first, if added twice); for an index without ids, key itself."""
+        if self.ids is None:
+            if not 0 <= key < self.ntotal:
+                raise IndexError(f"{what} {key} out of range [0, {self.ntotal})")
+            return key
+        cache = getattr(self, "_id_rows", None)  # kept while `ids` is the same array (every change replaces it)
+        if cache is None or cache[0] is not self.ids:
+            order = np.argsort(self.ids, kind="stable")
+            self._id_rows = cache = (self.ids, self.ids[order], order)
+        _, sorted_ids, order = cache
+        at = int(np.searchsorted(sorted_ids, key))
+        if at == len(sorted_ids) or sorted_ids[at] != key:
+            raise IndexError(f"{what} {key} is not in the index")
+        return int(order[at])
 
     def reconstruct(self, i: int) -> np.ndarray:
+        """The reconstruction of id `i` (its position in an index without ids)."""
         i = check_int("i", i)
-        if not 0 <= i < self.ntotal:
-            raise IndexError(f"id {i} out of range [0, {self.ntotal})")
-        return self.decode(self.codes[i : i + 1])[0]
+        row = self._row_of(i, "id")
+        return self.decode(self.codes[row : row + 1])[0]
 
     def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
+        """Reconstructions of the vectors at positions i0 .. i0 + n - 1 (positions also in an index with ids)."""
         i0 = check_int("i0", i0)
         n = self.ntotal - i0 if n is None else check_int("n", n)
         if i0 < 0 or n < 0 or i0 + n > self.ntotal:
@@ -401,6 +479,7 @@ class PQIndex(VectorIndexInput):
 
         Returns D (nq, k) float32 (inner products, or squared L2 distances) and I (nq, k) int64,
         best first, -1 ids (and -FLT_MAX / +FLT_MAX scores) past ntotal; torch in, torch out.
+        I holds positions 0 .. ntotal - 1, or the ids of vectors added with `add_with_ids`.
 
         Where it runs: torch queries on a CUDA device (backend "auto" with Triton installed, or
         "triton") are searched on that device: the rotation, the LUT GEMM and the Triton ADC
@@ -410,6 +489,17 @@ class PQIndex(VectorIndexInput):
         `drop_device_copies()`). Everything else runs on the CPU (backend "auto" / "cpu": the fast
         path; "reference": NumPy).
         """
+        D, I = self._search_positions(q, k, backend)
+        if self.ids is None:
+            return D, I
+        if isinstance(I, torch.Tensor):
+            ids = self._device_ids(I.device)
+            return D, torch.where(I >= 0, ids[I.clamp(min=0)], I)
+        return D, np.where(I >= 0, self.ids[np.maximum(I, 0)], I)
+
+    def _search_positions(self, q, k: int, backend: str = "auto"):
+        """`search` with I as positions 0 .. ntotal - 1 also in an index with ids (what the
+        trainers, which address documents by row, search with)."""
         kind = array_kind(q=q)
         k = check_k(k)
         if searches_on_device(kind, backend):
@@ -419,6 +509,13 @@ class PQIndex(VectorIndexInput):
         scale = self._unit_scale() if self.unit_norm else None
         D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
         return kind.wrap(D), kind.wrap(I)
+
+    def _device_ids(self, device: torch.device) -> torch.Tensor:
+        """The ids as an int64 tensor on `device`, kept while `ids` is the same array."""
+        cache = getattr(self, "_device_ids_cache", None)
+        if cache is None or cache[0] is not self.ids or cache[1] != device:
+            self._device_ids_cache = (self.ids, device, torch.from_numpy(self.ids).to(device))
+        return self._device_ids_cache[2]
 
     def _unit_scale(self) -> np.ndarray:
         """1 / ||x_hat|| of every indexed code (the doc_scale of a unit_norm search), kept between
@@ -437,6 +534,7 @@ class PQIndex(VectorIndexInput):
         copies the current arrays again)."""
         self._device_cache = None
         self._device_scale_cache = None
+        self._device_ids_cache = None
 
     def _device_unit_scale(self, codes: torch.Tensor, centroids: torch.Tensor, backend: str) -> torch.Tensor:
         """`unit_norm_scale` of the device copies, kept while they are the same tensors (they are
@@ -479,10 +577,12 @@ class PQIndex(VectorIndexInput):
         return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
 
     # ------------------------------------------------------------------ persistence
-    _ARRAY_NAMES = ("codes", "centroids", "rotation")  # what `_arrays` may hold, and `load` sets
+    _ARRAY_NAMES = ("codes", "centroids", "rotation", "ids")  # what `_arrays` may hold, and `load` sets
 
     def _arrays(self) -> dict:
         arrays = {"codes": self.codes}
+        if self.ids is not None:
+            arrays["ids"] = self.ids
         if self.centroids is not None:
             arrays["centroids"] = self.centroids
         if self.rotation is not None:
@@ -530,11 +630,17 @@ class PQIndex(VectorIndexInput):
             raise ValueError(f"{where}codes must be a uint8 array (N, {self.M}), got {self.codes.dtype} "
                              f"{self.codes.shape}")
         check_codes(self.codes, self.M, self.K, name=f"{where}codes")
+        if self.ids is not None:
+            if not isinstance(self.ids, np.ndarray) or self.ids.dtype != np.int64 or self.ids.shape != (self.ntotal,):
+                raise ValueError(f"{where}ids must be an int64 array of shape ({self.ntotal},) (one per code), got "
+                                 f"{getattr(self.ids, 'dtype', type(self.ids).__name__)} {getattr(self.ids, 'shape', '')}")
+            if self.ntotal and self.ids.min() < 0:
+                raise ValueError(f"{where}ids must be >= 0, found {self.ids.min()}")
 
     # ------------------------------------------------------------------ faiss interop
     def to_faiss(self):
         """A faiss IndexPQ (or IndexPreTransform(OPQMatrix, IndexPQ)) with the same centroids and
-        codes, so faiss' search gives the same results."""
+        codes, so faiss' search gives the same results; inside an IndexIDMap2 when the index has ids."""
         import faiss
 
         self._require_trained()
@@ -551,7 +657,7 @@ class PQIndex(VectorIndexInput):
             faiss.copy_array_to_vector(packed.ravel(), pq_index.codes)
             pq_index.ntotal = self.ntotal
         if self.rotation is None:
-            return pq_index
+            return self._faiss_with_ids(pq_index)
         opq = faiss.OPQMatrix(self.d, self.M)
         faiss.copy_array_to_vector(self.rotation.ravel(), opq.A)
         opq.is_trained = True
@@ -561,13 +667,33 @@ class PQIndex(VectorIndexInput):
         out = faiss.IndexPreTransform(opq, pq_index)
         out.is_trained = True
         out.ntotal = self.ntotal  # faiss' Python wrapper keeps opq and pq_index alive
+        return self._faiss_with_ids(out)
+
+    def _faiss_with_ids(self, index):
+        """`index` inside a faiss IndexIDMap2 holding the ids (index itself without ids)."""
+        import faiss
+
+        if self.ids is None:
+            return index
+        n, index.ntotal = index.ntotal, 0  # faiss wraps only an empty index: its codes are filled already
+        out = faiss.IndexIDMap2(index)  # the wrapper keeps a reference to index
+        index.ntotal = n
+        if self.ntotal:
+            faiss.copy_array_to_vector(self.ids, out.id_map)
+        out.ntotal = self.ntotal
+        out.construct_rev_map()
         return out
 
     @classmethod
     def from_faiss(cls, index) -> "PQIndex":
-        """Build from a faiss IndexPQ, or an IndexPreTransform of one linear transform + IndexPQ."""
+        """Build from a faiss IndexPQ, or an IndexPreTransform of one linear transform + IndexPQ,
+        either optionally inside an IndexIDMap / IndexIDMap2 (whose ids it keeps)."""
         import faiss
 
+        ids = None
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            index = faiss.downcast_index(index.index)
         rotation = None
         if isinstance(index, faiss.IndexPreTransform):
             if index.chain.size() != 1:
@@ -605,6 +731,9 @@ class PQIndex(VectorIndexInput):
         if index.ntotal:
             packed = faiss.vector_to_array(index.codes).reshape(index.ntotal, pq.code_size)
             out.codes = unpack_codes(packed, pq.M, pq.nbits)
+        if ids is not None:
+            out.ids = ids
+            out._check_arrays("the faiss IndexIDMap: ")  # one id per code, none negative
         return out
 
 

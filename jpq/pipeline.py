@@ -168,7 +168,7 @@ def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: l
         scores = torch.from_numpy(q) @ torch.from_numpy(ws.doc_emb).T
         I = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy()
     else:
-        I = index.search(q, k)[1]
+        I = index._search_positions(q, k)[1]  # rows of the corpus, also for an index with ids
     qrels = ws.dataset.evaluation_qrels(ws.test_split)
     return (per_query_metrics if per_query else evaluate)((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
 

@@ -749,7 +749,7 @@ class JPQTrainer(Checkpointing):
         for s in range(0, len(ids), 256):
             q = self._queries(ids[s : s + 256], grad=False)
             parts.append(self.search(q, k)[1] if index is None else
-                         index.search(q.detach().float().cpu().contiguous().numpy(), k)[1])
+                         index._search_positions(q.detach().float().cpu().contiguous().numpy(), k)[1])
         I = np.concatenate(parts)
         doc_ids = [str(i) for i in range(len(self.X))]
         run = (I, ids, doc_ids)  # rows already in rank order

@@ -172,3 +172,18 @@ def test_an_index_path_that_is_a_folder_is_an_error_not_a_traceback(tmp_path, ca
 
     assert main(["search", "--index", str(tmp_path), "--query", "q"]) == 2
     assert "jpq search: error:" in capsys.readouterr().err
+
+
+def test_search_refuses_data_for_an_index_with_its_own_ids(tmp_path, capsys):
+    import numpy as np
+
+    from jpq import PQIndex
+    from jpq.cli import main
+
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    index = PQIndex(8, 2, nbits=4)
+    index.train(x, niter=2)
+    index.add_with_ids(x, np.arange(300) + 10)
+    index.save(tmp_path / "ids.jpq")
+    assert main(["search", "--index", str(tmp_path / "ids.jpq"), "--query", "q", "--data", str(tmp_path)]) == 2
+    assert "holds its own ids" in capsys.readouterr().err

@@ -742,3 +742,154 @@ def test_opq_search_is_search_of_the_rotated_queries(data, nq):
     scores = adc_scores_reference(lut, index.codes)
     D_ref, I_ref = topk_from_scores(scores, 10, "ip")
     assert_topk_matches(D, I, D_ref, I_ref, scores, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- ids (faiss IndexIDMap2)
+def with_ids(x, ids, opq=False, metric="ip"):
+    index = jpq.PQIndex(x.shape[1], 8, metric=metric, opq=opq)
+    index.train(x, niter=8, opq_iterations=5)
+    index.add_with_ids(x, ids)
+    return index
+
+
+def test_add_with_ids_searches_as_positions_mapped_through_the_ids(data):
+    x, q = data
+    ids = np.random.default_rng(1).permutation(len(x)) * 10**9 + 12345  # large, unsorted
+    index = with_ids(x, ids)
+    plain = jpq.PQIndex(32, 8)
+    plain.centroids, plain.codes = index.centroids, index.codes
+    D, I = index.search(q, 10)
+    D0, I0 = plain.search(q, 10)
+    np.testing.assert_array_equal(D, D0)
+    np.testing.assert_array_equal(I, ids[I0])
+    # padding stays -1 past ntotal; torch in, torch out, ids as int64
+    small = with_ids(x[:300], np.arange(300) + 7)
+    D, I = small.search(torch.from_numpy(q), 305)
+    assert isinstance(I, torch.Tensor) and I.dtype == torch.int64
+    assert (I[:, 300:] == -1).all() and set(I[0, :300].tolist()) == set(range(7, 307))
+    assert "with ids" in repr(small)
+
+
+def test_ids_and_positions_do_not_mix_and_bad_ids_are_refused(data):
+    x, _ = data
+    index = with_ids(x[:300], np.arange(300))
+    with pytest.raises(ValueError, match="holds 300 vectors added with ids .*add without ids"):
+        index.add(x[:5])
+    with pytest.raises(ValueError, match="add_codes without ids"):
+        index.add_codes(index.codes[:5])
+    index.add_codes(index.codes[:5], ids=[900, 901, 902, 903, 904])
+    assert index.ntotal == 305 and index.ids[-1] == 904
+    plain = trained(x[:300])
+    with pytest.raises(ValueError, match="added without ids .*add_with_ids with ids"):
+        plain.add_with_ids(x[:2], [1, 2])
+    for bad, error, message in [([1.0, 2.0], TypeError, "ids must be integers"),
+                                ([True, False], TypeError, "ids must be integers"),
+                                ([1], ValueError, r"shape \(2,\)"),
+                                ([[1, 2]], ValueError, r"shape \(2,\)"),
+                                ([3, -1], ValueError, "ids must be >= 0"),
+                                (np.array([2**63, 1], np.uint64), ValueError, "fit in int64")]:
+        with pytest.raises(error, match=message):
+            index.add_with_ids(x[:2], bad)
+    assert index.ntotal == 305  # nothing appended by a refused call
+    index.reset()
+    assert index.ids is None
+    index.add(x[:3])  # an emptied index takes either kind
+    assert index.ids is None and index.ntotal == 3
+
+
+def test_remove_ids_removes_by_id_or_by_position_and_search_matches_a_fresh_index(data):
+    x, q = data
+    ids = np.arange(len(x), dtype=np.int64) * 10
+    index = with_ids(x, ids)
+    gone = ids[::3]
+    assert index.remove_ids(np.concatenate([gone, [5, 10**9]])) == len(gone)  # unknown ids: not counted
+    fresh = jpq.PQIndex(32, 8)
+    fresh.centroids = index.centroids
+    keep = np.setdiff1d(np.arange(len(x)), np.arange(len(x))[::3])
+    fresh.add_with_ids(x[keep], ids[keep])
+    for a, b in zip(index.search(q, 20), fresh.search(q, 20)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.isin(index.search(q, 50)[1], gone).any()
+    # without ids: positions, and the later ones shift down (as faiss' IndexFlatCodes)
+    plain = trained(x[:300])
+    codes = plain.codes.copy()
+    assert plain.remove_ids(torch.tensor([0, 2, 299])) == 3
+    np.testing.assert_array_equal(plain.codes, np.delete(codes, [0, 2, 299], axis=0))
+    with pytest.raises(TypeError, match="1-d sequence of integers"):
+        plain.remove_ids([0.5])
+    assert plain.remove_ids([]) == 0
+
+
+def test_reconstruct_takes_the_id(data):
+    x, _ = data
+    index = with_ids(x[:300], np.arange(300)[::-1] + 1000)
+    np.testing.assert_array_equal(index.reconstruct(1299), index.decode(index.codes[:1])[0])
+    np.testing.assert_array_equal(index.reconstruct(1000), index.decode(index.codes[299:])[0])
+    with pytest.raises(IndexError, match="id 5 is not in the index"):
+        index.reconstruct(5)
+    np.testing.assert_array_equal(index.reconstruct_n(0, 2), index.decode(index.codes[:2]))  # positions
+    index.add_with_ids(x[:1], [1299])  # a repeated id: the first one added
+    np.testing.assert_array_equal(index.reconstruct(1299), index.decode(index.codes[:1])[0])
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_ids_save_load_and_faiss_round_trip(tmp_path, data, opq):
+    x, q = data
+    ids = np.random.default_rng(2).permutation(len(x)).astype(np.int64) * 1000 + 3
+    index = with_ids(x, ids, opq=opq)
+    D, I = index.search(q, 10)
+    index.save(tmp_path / "ids.jpq")
+    back = jpq.PQIndex.load(tmp_path / "ids.jpq")
+    np.testing.assert_array_equal(back.ids, ids)
+    np.testing.assert_array_equal(back.search(q, 10)[1], I)
+    f = index.to_faiss()
+    assert isinstance(f, faiss.IndexIDMap2)
+    Df, If = f.search(q, 10)
+    np.testing.assert_array_equal(If, I)
+    np.testing.assert_allclose(Df, D, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f.reconstruct(int(ids[7])), index.reconstruct(int(ids[7])), rtol=1e-5, atol=1e-5)
+    again = jpq.PQIndex.from_faiss(f)
+    np.testing.assert_array_equal(again.ids, ids)
+    np.testing.assert_array_equal(again.search(q, 10)[1], I)
+    # an IndexIDMap that faiss built and filled
+    built = faiss.IndexIDMap(faiss.IndexPQ(32, 8, 8, faiss.METRIC_INNER_PRODUCT))
+    built.train(x)
+    built.add_with_ids(x[:500], ids[:500])
+    ours = jpq.PQIndex.from_faiss(built)
+    np.testing.assert_array_equal(ours.ids, ids[:500])
+    np.testing.assert_array_equal(ours.search(q, 10)[1], built.search(q, 10)[1])
+
+
+def test_load_refuses_ids_that_do_not_fit_the_codes(tmp_path, data):
+    x, _ = data
+    for ids, message in [(np.arange(4, dtype=np.int64), r"ids must be an int64 array of shape \(5,\)"),
+                         (np.array([0, 1, 2, 3, -4], np.int64), "ids must be >= 0"),
+                         (np.arange(5, dtype=np.int32), "ids must be an int64 array")]:
+        bad = with_ids(x[:300], np.arange(300))
+        bad.codes, bad.ids = bad.codes[:5], ids
+        bad.save(tmp_path / "bad.jpq")
+        with pytest.raises(ValueError, match=message):
+            jpq.PQIndex.load(tmp_path / "bad.jpq")
+
+
+@pytest.mark.interpreter
+def test_ids_map_the_device_search_too(data):
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    x, q = data
+    index = jpq.PQIndex(32, 8, nbits=6)
+    index.train(x[:400], niter=5)
+    index.add_with_ids(x[:400], np.arange(400)[::-1] * 3 + 1)
+    qt = torch.from_numpy(q[:4])
+    D, rows = index._search_positions(q[:4], 405)
+    Dt, rows_t = index._search_positions(qt, 405, backend="triton")
+    scores = adc_scores_reference(build_lut_reference(q[:4], index.centroids, "ip"), index.codes)
+    assert_topk_matches(Dt, rows_t, D, rows, scores, atol=1e-4)
+    Dt_ids, It = index.search(qt, 405, backend="triton")
+    torch.testing.assert_close(Dt_ids, Dt)
+    expected = np.where(rows_t.numpy() >= 0, index.ids[np.maximum(rows_t.numpy(), 0)], -1)
+    np.testing.assert_array_equal(It.numpy(), expected)
+    assert (It[:, 400:] == -1).all()

@@ -1,4 +1,5 @@
 """JPQ trainer: learning on a synthetic task, resume == uninterrupted, losses, splits, export."""
+import copy
 import warnings
 
 import numpy as np
@@ -819,3 +820,28 @@ def test_an_extra_loss_term_from_a_subclass_enters_each_step_and_train_run_build
     cfg = TrainConfig(mode="jpq", epochs=1, batch_size=32, negatives=20, patience=1)
     trainer, _, _ = train_run(ws, cfg, index, None, progress=False, select_only=True, trainer_class=Extra)
     assert type(trainer) is Extra and len(seen) > 1
+
+
+def test_an_index_with_ids_trains_and_validates_by_row_as_one_without():
+    """The trainer addresses documents by row: an index built with add_with_ids (search returns
+    the caller's ids) trains, validates and guards exactly as the same index without them, and
+    its trained index keeps the ids."""
+    X, Q, ids, qrels = synthetic_task(0)
+    plain = jpq.PQIndex(X.shape[1], 4, nbits=4, metric="ip")
+    plain.train(X, niter=10, seed=0)
+    plain.add(X)
+    mapped = copy.copy(plain)
+    mapped.reset()
+    mapped.add_codes(plain.codes, ids=np.arange(len(X)) * 7 + 1000)
+    cfg = TrainConfig(mode="centroids", epochs=2, batch_size=32, negatives=20, lr_centroids=5e-3, patience=2)
+    runs = []
+    for index in (plain, mapped):
+        t = JPQTrainer(cfg, X, index, ids, qrels, query_embeddings={q: Q[i] for i, q in enumerate(ids)},
+                       progress=False)
+        before = t.evaluate_ids(t.val_ids, index=index)
+        t.fit()
+        runs.append((before, t.state.history, t.trained_index()))
+    assert runs[0][0] == runs[1][0] and runs[0][0]["ndcg@10"] > 0  # rows, not ids, were compared with qrels
+    assert [h["val"] for h in runs[0][1]] == [h["val"] for h in runs[1][1]]
+    np.testing.assert_array_equal(runs[0][2].centroids, runs[1][2].centroids)
+    np.testing.assert_array_equal(runs[1][2].ids, mapped.ids)
