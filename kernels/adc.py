@@ -515,15 +515,49 @@ def scores_of_keys(keys: torch.Tensor, largest: bool) -> tuple[torch.Tensor, tor
     return (s if largest else -s + 0.0), 0xFFFFFFFF - (keys & 0xFFFFFFFF)  # + 0.0: no -0.0 distances
 
 
+# Documents per top-k span: a key holds a document's id in 32 bits (`order_keys`), so a search of
+# more documents than that (4.3 billion codes of 16 bytes fit on one H200) runs span by span and
+# merges the spans' top-k by (score, id).
+TRITON_MAX_SPAN_DOCS = (1 << 32) - 2
+
+
 def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str,
                      doc_scale: torch.Tensor | None = None):
+    nq = lut.shape[0]
+    N = codes.shape[0]
+    largest = metric == "ip"
+    parts = []
+    for a in range(0, N, TRITON_MAX_SPAN_DOCS):
+        b = min(N, a + TRITON_MAX_SPAN_DOCS)
+        v, i = _span_topk_triton(lut, codes[a:b], k, largest, None if doc_scale is None else doc_scale[a:b])
+        parts.append((v, i + a))
+    if len(parts) == 1:
+        best_v, best_i = parts[0]
+    elif parts:  # merge: better score first, then the smaller id (the order within a span)
+        best_v, best_i = torch.cat([v for v, _ in parts], 1), torch.cat([i for _, i in parts], 1)
+        by_id = torch.sort(best_i, dim=1, stable=True).indices
+        best_v, best_i = best_v.gather(1, by_id), best_i.gather(1, by_id)
+        by_score = torch.sort(best_v, dim=1, descending=largest, stable=True).indices[:, :k]
+        best_v, best_i = best_v.gather(1, by_score), best_i.gather(1, by_score)
+    else:
+        best_v = torch.empty((nq, 0), device=lut.device)
+        best_i = torch.empty((nq, 0), dtype=torch.int64, device=lut.device)
+    pad = k - best_v.shape[1]
+    if pad:
+        fill = -FLOAT_MAX if largest else FLOAT_MAX
+        best_v = torch.cat([best_v, torch.full((nq, pad), fill, device=lut.device)], 1)
+        best_i = torch.cat([best_i, torch.full((nq, pad), -1, dtype=torch.int64, device=lut.device)], 1)
+    return best_v, best_i
+
+
+def _span_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, largest: bool,
+                      doc_scale: torch.Tensor | None):
+    """(scores, ids) of the top min(k, N) of N <= TRITON_MAX_SPAN_DOCS documents, best first,
+    ties by the smaller id (ids count from 0 in this span), unpadded."""
     from .adc_triton import BLOCK_N, adc_block_topk_keys, block_keep
 
     nq = lut.shape[0]
     N = codes.shape[0]
-    if N >= (1 << 32) - 1:
-        raise ValueError(f"the Triton top-k handles up to 2**32 - 2 documents, got {N}")
-    largest = metric == "ip"
     best = torch.empty((nq, 0), dtype=torch.int64, device=lut.device)
     per_doc = block_keep(k) / BLOCK_N  # candidate keys per document and query
     chunk = max(TRITON_MIN_DOCS_PER_CHUNK, int(TRITON_KEYS_PER_CHUNK / (per_doc * max(1, nq))))
@@ -535,13 +569,7 @@ def _adc_topk_triton(lut: torch.Tensor, codes: torch.Tensor, k: int, metric: str
         best = torch.topk(keys, min(k, e), dim=1, sorted=False).values
         del keys
     best = torch.sort(best, dim=1, descending=True).values  # best first, ties by smaller id
-    best_v, best_i = scores_of_keys(best, largest)
-    pad = k - best_v.shape[1]
-    if pad:
-        fill = -FLOAT_MAX if largest else FLOAT_MAX
-        best_v = torch.cat([best_v, torch.full((nq, pad), fill, device=lut.device)], 1)
-        best_i = torch.cat([best_i, torch.full((nq, pad), -1, dtype=torch.int64, device=lut.device)], 1)
-    return best_v, best_i
+    return scores_of_keys(best, largest)
 
 
 # --------------------------------------------------------------------------- public

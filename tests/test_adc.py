@@ -31,16 +31,20 @@ SHAPES = [
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_triton_topk_breaks_exact_ties_by_smaller_id_across_chunks(monkeypatch, metric):
+@pytest.mark.parametrize("span", [None, 48, 1])
+def test_triton_topk_breaks_exact_ties_by_smaller_id_across_chunks(monkeypatch, metric, span):
     """Every score is one of 3 values (codes of one sub-quantizer, K = 3), so the k-th place is a
     tie among dozens of documents spread over several chunks: the Triton top-k must keep the
-    smallest ids, exactly as the reference does (no tolerance for near-ties here)."""
+    smallest ids, exactly as the reference does (no tolerance for near-ties here). With `span`,
+    the search runs as it does past 2**32 - 2 documents (a key's 32-bit id): span by span, merged."""
     from jpq.kernels import adc as adc_module
     from jpq.kernels.arrays import is_interpreter
     from jpq.kernels.dispatch import triton_importable
 
     if not (triton_importable() and is_interpreter()):
         pytest.skip("needs triton under TRITON_INTERPRET=1")
+    if span is not None:
+        monkeypatch.setattr(adc_module, "TRITON_MAX_SPAN_DOCS", span)
     monkeypatch.setattr(adc_module, "TRITON_KEYS_PER_CHUNK", 1)
     monkeypatch.setattr(adc_module, "TRITON_MIN_DOCS_PER_CHUNK", 16)
     rng = np.random.default_rng(7)
@@ -198,6 +202,33 @@ def test_triton_topk_merges_document_chunks(monkeypatch, metric, nq, k):
     D_ref, I_ref = topk_from_scores(scores_ref, k, metric)
     D, I = adc_topk(torch.from_numpy(lut), torch.from_numpy(codes), k, metric=metric, backend="triton")
     assert_topk_matches(D, I, D_ref, I_ref, scores_ref, atol=4e-6 * 4 * np.abs(lut).max(), metric=metric)
+
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_triton_topk_merges_spans_with_document_scales(monkeypatch, metric):
+    """Past 2**32 - 2 documents the Triton top-k runs span by span (a key holds a 32-bit id): with
+    spans of 70 documents, a 200-document search (with per-document scales for "ip", as unit-norm
+    indexes search) gives the reference's top-k, ids counted across spans, -1 padded where k > N."""
+    from jpq.kernels import adc as adc_module
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    monkeypatch.setattr(adc_module, "TRITON_MAX_SPAN_DOCS", 70)
+    rng = np.random.default_rng(5)
+    C, codes, q = random_pq(rng, 4, 16, 2, 200, 3)
+    lut = build_lut_reference(q, C, metric)
+    scale = rng.uniform(0.5, 2.0, 200).astype(np.float32) if metric == "ip" else None
+    scores_ref = adc_scores_reference(lut, codes) * (1.0 if scale is None else scale)
+    for k in (5, 90, 210):
+        D_ref, I_ref = adc_topk(lut, codes, k, metric=metric, backend="reference", doc_scale=scale)
+        D, I = adc_topk(torch.from_numpy(lut), torch.from_numpy(codes), k, metric=metric, backend="triton",
+                        doc_scale=None if scale is None else torch.from_numpy(scale))
+        assert_topk_matches(D, I, D_ref, I_ref, scores_ref, atol=4e-6 * 8 * np.abs(lut).max(), metric=metric)
+        assert (I.numpy()[:, 200:] == -1).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
