@@ -34,8 +34,9 @@ def write_qrels(path: Path, qrels: dict[str, dict[str, int]]) -> None:
 def derive(data: Path, out: Path, test_split: str = "test", train_split: str = "train") -> dict:
     """Write the derived folder to `out` (qrels read and checked by `jpq.data.load_beir`); returns
     the query counts."""
-    qrels = load_beir(data, splits=[train_split, test_split]).qrels
-    train, test = qrels[train_split], qrels[test_split]
+    ds = load_beir(data, splits=[train_split, test_split])
+    # the judgments as the files hold them (of known queries), those of documents missing from the corpus too
+    train, test = ds.evaluation_qrels(train_split), ds.evaluation_qrels(test_split)
     test_positives = {d for rel in test.values() for d, score in rel.items() if score > 0}
     kept = {q: rel for q, rel in train.items()
             if not any(score > 0 and d in test_positives for d, score in rel.items())}

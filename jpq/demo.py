@@ -9,6 +9,7 @@ are kept in --out and skipped when the demo is started again (resume).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -84,7 +85,16 @@ def _settings(ws, config: TrainConfig, centroid_lrs, pseudo_query_weights) -> di
     return {"config": json.loads(json.dumps(cfg)), "centroid_lrs": [float(x) for x in centroid_lrs],
             "pseudo_query_weights": [float(x) for x in pseudo_query_weights],
             "encoder": str(getattr(ws.encoder, "name", type(ws.encoder).__name__)),
-            "dataset": ws.dataset.fingerprint("all")}
+            "dataset": ws.dataset.fingerprint("all"), "judgments": _judgments_fingerprint(ws)}
+
+
+def _judgments_fingerprint(ws) -> str:
+    """sha256 of the train split's qrels and the test split's evaluation qrels: rows scored against
+    other judgments must not share a table."""
+    ds = ws.dataset
+    parts = {"train": ds.qrels[ws.train_split], "test": ds.evaluation_qrels(ws.test_split)}
+    text = json.dumps({k: sorted((q, sorted(rel.items())) for q, rel in v.items()) for k, v in parts.items()})
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:

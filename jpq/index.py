@@ -392,7 +392,7 @@ class PQIndex(VectorIndexInput):
 
     @staticmethod
     def _check_ids(ids, n: int) -> np.ndarray:
-        """ids as a C-contiguous int64 NumPy array of shape (n,), every value >= 0 (-1 pads results)."""
+        """A C-contiguous int64 NumPy copy of ids, shape (n,), every value >= 0 (-1 pads results)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         ids = np.asarray(ids)
@@ -402,7 +402,7 @@ class PQIndex(VectorIndexInput):
             raise ValueError(f"ids must have shape ({n},) (one per vector), got {ids.shape}")
         if np.issubdtype(ids.dtype, np.unsignedinteger) and ids.size and ids.max() > np.iinfo(np.int64).max:
             raise ValueError(f"ids must fit in int64, found {ids.max()}")
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        ids = np.array(ids, dtype=np.int64, order="C", copy=True)  # the index's own: as faiss copies them
         if ids.size and ids.min() < 0:
             raise ValueError(f"ids must be >= 0 (-1 marks padding in search results), found {ids.min()}")
         return ids
@@ -440,7 +440,8 @@ class PQIndex(VectorIndexInput):
         return removed
 
     def _row_of(self, key: int, what: str) -> int:
-        """The position of id `key` (its first, if added twice); for an index without ids, key itself."""
+        """The position of id `key` (the last one added, as faiss' IndexIDMap2, if added twice); for an
+        index without ids, key itself."""
         if self.ids is None:
             if not 0 <= key < self.ntotal:
                 raise IndexError(f"{what} {key} out of range [0, {self.ntotal})")
@@ -450,8 +451,8 @@ class PQIndex(VectorIndexInput):
             order = np.argsort(self.ids, kind="stable")
             self._id_rows = cache = (self.ids, self.ids[order], order)
         _, sorted_ids, order = cache
-        at = int(np.searchsorted(sorted_ids, key))
-        if at == len(sorted_ids) or sorted_ids[at] != key:
+        at = int(np.searchsorted(sorted_ids, key, side="right")) - 1  # stable order: the last of equal ids
+        if at < 0 or sorted_ids[at] != key:
             raise IndexError(f"{what} {key} is not in the index")
         return int(order[at])
 
@@ -490,7 +491,7 @@ class PQIndex(VectorIndexInput):
         path; "reference": NumPy).
         """
         D, I = self._search_positions(q, k, backend)
-        if self.ids is None:
+        if self.ids is None or not self.ntotal:  # nothing to map: every I is -1 padding
             return D, I
         if isinstance(I, torch.Tensor):
             ids = self._device_ids(I.device)
@@ -690,11 +691,13 @@ class PQIndex(VectorIndexInput):
         either optionally inside an IndexIDMap / IndexIDMap2 (whose ids it keeps)."""
         import faiss
 
-        ids = None
+        # the wrappers own the indexes inside them: keep each alive (`given`, `pretransform`) while its
+        # inner index is read, or a temporary (`from_faiss(faiss.read_index(path))`) is freed under us
+        given, ids = index, None
         if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
             ids = faiss.vector_to_array(index.id_map).astype(np.int64)
             index = faiss.downcast_index(index.index)
-        rotation = None
+        pretransform, rotation = index, None
         if isinstance(index, faiss.IndexPreTransform):
             if index.chain.size() != 1:
                 raise ValueError(f"expected one transform before the PQ, got {index.chain.size()}")
@@ -734,6 +737,7 @@ class PQIndex(VectorIndexInput):
         if ids is not None:
             out.ids = ids
             out._check_arrays("the faiss IndexIDMap: ")  # one id per code, none negative
+        del given, pretransform  # everything is copied out: the wrappers (and what they own) may go
         return out
 
 

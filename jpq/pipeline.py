@@ -168,7 +168,11 @@ def evaluate_vectors(ws: Workspace, q: np.ndarray, index: PQIndex | None, ids: l
         scores = torch.from_numpy(q) @ torch.from_numpy(ws.doc_emb).T
         I = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy()
     else:
-        I = index._search_positions(q, k)[1]  # rows of the corpus, also for an index with ids
+        if index.ids is not None or index.ntotal != len(ws.dataset.corpus_ids):
+            raise ValueError(f"the index holds {index.ntotal} vectors{' under ids of their own' if index.ids is not None else ''}"
+                             f"; scoring it against {ws.dataset.name} needs one vector per corpus document, at its "
+                             f"corpus row ({len(ws.dataset.corpus_ids)}, added without ids, as `jpq index` builds it)")
+        I = index.search(q, k)[1]
     qrels = ws.dataset.evaluation_qrels(ws.test_split)
     return (per_query_metrics if per_query else evaluate)((I, ids, ws.dataset.corpus_ids), qrels, EVAL_METRICS)
 

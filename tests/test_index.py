@@ -828,8 +828,9 @@ def test_reconstruct_takes_the_id(data):
     with pytest.raises(IndexError, match="id 5 is not in the index"):
         index.reconstruct(5)
     np.testing.assert_array_equal(index.reconstruct_n(0, 2), index.decode(index.codes[:2]))  # positions
-    index.add_with_ids(x[:1], [1299])  # a repeated id: the first one added
-    np.testing.assert_array_equal(index.reconstruct(1299), index.decode(index.codes[:1])[0])
+    index.add_with_ids(x[1:2], [1299])  # a repeated id: the last one added, as faiss' IndexIDMap2
+    np.testing.assert_array_equal(index.reconstruct(1299), index.decode(index.codes[300:])[0])
+    np.testing.assert_allclose(index.to_faiss().reconstruct(1299), index.reconstruct(1299), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("opq", [False, True])
@@ -893,3 +894,42 @@ def test_ids_map_the_device_search_too(data):
     expected = np.where(rows_t.numpy() >= 0, index.ids[np.maximum(rows_t.numpy(), 0)], -1)
     np.testing.assert_array_equal(It.numpy(), expected)
     assert (It[:, 400:] == -1).all()
+
+
+def test_an_index_with_ids_but_no_vectors_pads_and_the_ids_are_the_index_own(data):
+    x, q = data
+    caller_ids = np.arange(300) + 1000
+    index = with_ids(x[:300], caller_ids)
+    _, I = index.search(q[:2], 5)
+    caller_ids += 5  # the index copied them, as faiss does
+    np.testing.assert_array_equal(index.search(q[:2], 5)[1], I)
+    tensor_ids = torch.arange(3) + 7
+    index.add_codes(index.codes[:3], ids=tensor_ids)
+    tensor_ids[0] = 0
+    np.testing.assert_array_equal(index.ids[-3:], [7, 8, 9])
+    assert index.remove_ids(index.ids.copy()) == 303 and index.ntotal == 0
+    for queries in (q[:2], torch.from_numpy(q[:2])):
+        D, I = index.search(queries, 4)  # ids left but no vector: all padding, as faiss
+        assert (np.asarray(I) == -1).all() and D.shape == (2, 4)
+    index.add_with_ids(x[:0], np.zeros(0, np.int64))
+    assert (index.search(q[:2], 3)[1] == -1).all()
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_from_faiss_of_a_temporary_index_copies_before_it_is_freed(tmp_path, data, opq):
+    """from_faiss(faiss.read_index(path)): the wrapper owns the indexes inside it, so it must stay
+    alive until everything is copied out (a freed OPQ wrapper gave garbage shapes or a segfault)."""
+    x, q = data
+    index = with_ids(x, np.arange(len(x)) * 3 + 1, opq=opq)
+    faiss.write_index(index.to_faiss(), str(tmp_path / "f.index"))
+    plain = trained(x, opq=opq)
+    faiss.write_index(plain.to_faiss(), str(tmp_path / "p.index"))
+    for _ in range(3):
+        back = jpq.PQIndex.from_faiss(faiss.read_index(str(tmp_path / "f.index")))
+        np.testing.assert_array_equal(back.codes, index.codes)
+        np.testing.assert_array_equal(back.ids, index.ids)
+        np.testing.assert_array_equal(back.centroids, index.centroids)
+        again = jpq.PQIndex.from_faiss(faiss.read_index(str(tmp_path / "p.index")))
+        np.testing.assert_array_equal(again.codes, plain.codes)
+        if opq:
+            np.testing.assert_array_equal(again.rotation, plain.rotation)

@@ -845,3 +845,42 @@ def test_an_index_with_ids_trains_and_validates_by_row_as_one_without():
     assert [h["val"] for h in runs[0][1]] == [h["val"] for h in runs[1][1]]
     np.testing.assert_array_equal(runs[0][2].centroids, runs[1][2].centroids)
     np.testing.assert_array_equal(runs[1][2].ids, mapped.ids)
+
+
+def test_evaluate_vectors_refuses_an_index_whose_positions_are_not_the_corpus_rows():
+    """Test metrics map result positions to corpus ids: an index with ids of its own, or with
+    another number of vectors, would be scored against the wrong documents (0.0, silently)."""
+    from jpq.pipeline import evaluate_vectors
+
+    ws = toy_workspace()
+    ws.dataset.qrels["test"] = {q: rel for q, rel in list(ws.dataset.qrels["train"].items())[:20]}
+    ids = list(ws.dataset.qrels["test"])
+    q = ws.query_emb[ws.query_rows(ids)]
+    index = jpq.PQIndex(ws.doc_emb.shape[1], 4, nbits=4)
+    index.train(ws.doc_emb, niter=5)
+    index.add(ws.doc_emb)
+    plain = evaluate_vectors(ws, q, index, ids)
+    assert plain["recall@100"] > 0
+    mapped = copy.copy(index)
+    mapped.reset()
+    mapped.add_codes(index.codes, ids=np.arange(index.ntotal))
+    with pytest.raises(ValueError, match="under ids of their own"):
+        evaluate_vectors(ws, q, mapped, ids)
+    short = copy.copy(index)
+    short.codes = index.codes[:-1]
+    with pytest.raises(ValueError, match=f"holds {index.ntotal - 1} vectors; .*needs one vector per corpus document"):
+        evaluate_vectors(ws, q, short, ids)
+
+
+def test_demo_settings_bind_the_judgments_too():
+    """A demo folder's rows were scored against its test judgments: a resumed demo whose qrels
+    differ (edited, or judgments of missing documents now kept) is another table."""
+    from jpq.demo import _settings
+
+    ws = toy_workspace()
+    ws.dataset.qrels["test"] = {"q0": {"d1": 1}}
+    before = _settings(ws, TrainConfig(), [1e-4], [0.0])
+    assert before == _settings(ws, TrainConfig(), [1e-4], [0.0])
+    ws.dataset.unmatched_qrels["test"] = {"q0": {"gone": 1}}
+    after = _settings(ws, TrainConfig(), [1e-4], [0.0])
+    assert after["judgments"] != before["judgments"] and after["dataset"] == before["dataset"]

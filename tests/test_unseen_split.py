@@ -37,3 +37,16 @@ def test_derive_refuses_a_train_split_with_nothing_left(tmp_path):
     (source / "qrels" / "train.tsv").write_text(test)  # every training query now has a test positive
     with pytest.raises(ValueError, match="nothing to train on"):
         _module().derive(source, tmp_path / "out")
+
+
+def test_derived_test_judgments_keep_those_of_documents_missing_from_the_corpus(tmp_path):
+    """"The test qrels stay as they are": also a judgment of a document the corpus lacks, which
+    the loader keeps for evaluation."""
+    source = make_synthetic_beir(tmp_path / "src", n_docs=200, n_queries=90, seed=3)
+    judged = next(iter(load_beir(source).qrels["test"]))
+    with open(source / "qrels" / "test.tsv", "a") as f:
+        f.write(f"{judged}\tno-such-doc\t1\n")
+    _module().derive(source, tmp_path / "out")
+    src, out = load_beir(source), load_beir(tmp_path / "out")
+    assert out.evaluation_qrels("test") == src.evaluation_qrels("test")
+    assert out.unmatched_qrels["test"][judged] == {"no-such-doc": 1}
