@@ -160,3 +160,18 @@ def test_opq_variants_rank_correlation():
     assert spearman([0.1, 0.3, 0.2], [1.0, 3.0, 2.0]) == pytest.approx(1.0)
     assert spearman([0.1, 0.3, 0.2], [3.0, 1.0, 2.0]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+
+
+def test_unseen_budget_adds_the_subsets_up_to_the_demo_rows_and_solves_for_the_target():
+    """From the committed SciFact demo: the two subsets weigh back to results.json's rows (budget
+    checks it), and scoring the needed value on the unseen queries gives exactly the target share."""
+    module = _bench_module("unseen_budget")
+    demo = REPO_ROOT / "bench" / "results" / "demo_scifact"
+    r = module.budget(demo, 96, 0.97)
+    assert (r["n_unseen"], r["n"]) == (104, 300)
+    reached = (r["n_unseen"] * r["needed_unseen"] + (r["n"] - r["n_unseen"]) * r["jpq_seen"]) / r["n"]
+    assert reached == pytest.approx(0.97 * r["ut"])
+    rows = {x["method"]: x for x in json.loads((demo / "results.json").read_text()) if x["ratio"] in (1, 96)}
+    assert r["share"] == pytest.approx(rows["jpq"]["ndcg@10"] / rows["uncompressed-trained"]["ndcg@10"], abs=2e-3)
+    assert r["needed_unseen"] > r["jpq_unseen"]  # the split that misses the target
+    assert "| demo_scifact (104 of 300) | 94.9% |" in module.report([r], 96, 0.97)
