@@ -139,20 +139,31 @@ def test_outer_score_rows_show_missing_variants_and_average_complete_runs():
     assert machine.outer_score_rows({"s2": res["s2"]}, ("a", "b")) == ["| s2 | 0 | 0.1000 / 0.0000 | - |"]
 
 
-def test_tower_rate_rows_average_both_refits_over_seeds_with_every_rate():
-    bench = _bench_module("tower_rate_nested")
+def test_field_rows_average_both_refits_over_seeds_with_every_value():
+    bench = _bench_module("field_nested")
 
     def run(a, b, epoch=3):
         return {"epoch": epoch, "selected": {"all": 0.0, "unseen": 0.0},
                 "refit": {"all": a, "unseen": a / 2}, "refit'": {"all": b, "unseen": b / 2}}
 
     key = bench.run_key
-    assert key(0, "jpq", 96, 2e-5) == "s0 96x lr 2e-05" and key(1, "encoder", 96, 1e-5) == "s1 encoder lr 1e-05"
-    res = {key(0, "jpq", 96, 1e-5): run(0.7, 0.8), key(0, "jpq", 96, 2e-5): run(0.6, 0.6, 5),
-           key(1, "jpq", 96, 1e-5): run(0.5, 0.5)}  # seed 1 lacks 2e-5: shown, not averaged
-    rows = bench.rate_rows(res, [1e-5, 2e-5], [0, 1], "jpq", 96)
+    # lr_encoder keeps the keys of bench/tower_rate_nested.py's committed cache
+    assert key(0, "jpq", 96, "lr_encoder", 2e-5) == "s0 96x lr 2e-05"
+    assert key(1, "encoder", 96, "lr_encoder", 1e-5) == "s1 encoder lr 1e-05"
+    assert key(2, "jpq", 64, "corpus_recon_weight", 1.0) == "s2 64x corpus_recon_weight 1"
+    f = "lr_encoder"
+    res = {key(0, "jpq", 96, f, 1e-5): run(0.7, 0.8), key(0, "jpq", 96, f, 2e-5): run(0.6, 0.6, 5),
+           key(1, "jpq", 96, f, 1e-5): run(0.5, 0.5)}  # seed 1 lacks 2e-5: shown, not averaged
+    rows = bench.value_rows(res, f, [1e-5, 2e-5], [0, 1], "jpq", 96)
+    assert rows[0].startswith("| lr_encoder | seed 0 | seed 1 |")
     assert rows[2] == "| 1e-05 | 0.7500 / 0.3750 | 0.5000 / 0.2500 | 0.7500 / 0.3750 | 3, 3 |"
     assert rows[3] == "| 2e-05 | 0.6000 / 0.3000 | - | 0.6000 / 0.3000 | 5 |"
+    cached = json.loads((REPO_ROOT / "bench" / "results" / "tower_rate_nested.json").read_text())
+    assert key(0, "jpq", 96, f, 4e-5) in cached  # the wrapper reads the runs it cached before
+    field_args = _bench_module("tower_rate_nested").field_args
+    assert field_args(["--rates", "1e-5,2e-5", "--seeds", "0"]) == ["--values", "1e-5,2e-5", "--seeds", "0"]
+    assert field_args(["--rates=1e-5"]) == ["--values=1e-5"]
+    assert field_args(["--mode", "encoder"]) == ["--mode", "encoder", "--values", "1e-5,2e-5,4e-5"]
 
 
 def test_opq_variants_rank_correlation():
