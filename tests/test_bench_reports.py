@@ -186,3 +186,25 @@ def test_unseen_budget_adds_the_subsets_up_to_the_demo_rows_and_solves_for_the_t
     assert r["share"] == pytest.approx(rows["jpq"]["ndcg@10"] / rows["uncompressed-trained"]["ndcg@10"], abs=2e-3)
     assert r["needed_unseen"] > r["jpq_unseen"]  # the split that misses the target
     assert "| demo_scifact (104 of 300) | 94.9% |" in module.report([r], 96, 0.97)
+
+
+def test_pseudo_query_posthoc_training_moves_only_centroids_and_raises_self_retrieval():
+    import jpq
+
+    train_centroids = _bench_module("pseudo_query_posthoc").train_centroids
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 16)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    P = (X + 0.1 * rng.standard_normal(X.shape)).astype(np.float32)  # each document's pseudo-query
+    index = jpq.PQIndex(16, 4, nbits=4, opq=True)
+    index.train(X, niter=5, opq_iterations=2)
+    index.add(X)
+
+    def self_hits(ix):
+        return float((ix.search(P, 1)[1][:, 0] == np.arange(len(X))).mean())
+
+    for loss in ("ce", "kl"):
+        scores = train_centroids(index, X, P, loss, 0.0, 4, 0, self_hits, lr=1e-2)
+        assert sorted(scores) == [2, 4] and scores[4] > self_hits(index) + 0.05, (loss, scores, self_hits(index))
+    with_recon = train_centroids(index, X, P, "ce", 10.0, 2, 0, lambda ix: ix.centroids.copy(), lr=1e-2)[2]
+    assert with_recon.shape == index.centroids.shape and not np.array_equal(with_recon, index.centroids)
