@@ -386,16 +386,17 @@ class NestedHoldout:
             t.cfg = dataclasses.replace(cfg, seed=order_seed)
         return t
 
-    def select_and_refit(self, cfg, index, seed: int) -> dict:
+    def select_and_refit(self, cfg, index, seed: int, trainer_class=None) -> dict:
         """JPQ training as the demo does it, on the inner queries: a selection run of `cfg` (its
         val_fraction held out) chooses the epoch count, then two refits on all inner queries for
         that many epochs, one with `seed`'s batch order and one with seed + 1000's (batch order
-        alone moves a 96x refit by about 0.01). Returns {"epoch", "curve" (held-out scores),
+        alone moves a 96x refit by about 0.01), each a `trainer_class` (default JPQTrainer). Returns
+        {"epoch", "curve" (held-out scores),
         "selected", "refit", "refit'"}, each run's `outer_scores`; with epoch 0 chosen, the start is
         the model and both refits are it."""
         import dataclasses
 
-        sel = self.trainer(cfg, index)
+        sel = self.trainer(cfg, index, trainer_class)
         sel.fit()  # loads the selected state
         best = sel.state.best_epoch
         runs = {"epoch": best, "curve": [round(h["val"], 4) for h in sel.state.history],
@@ -404,7 +405,8 @@ class NestedHoldout:
             if best == 0:
                 runs[name] = runs["selected"]
                 continue
-            ref = self.trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), index, order_seed=order)
+            ref = self.trainer(dataclasses.replace(cfg, val_fraction=0.0, epochs=best), index, trainer_class,
+                               order_seed=order)
             ref.fit()
             runs[name] = self.outer_scores(ref)
         return runs
