@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import (RESULTS, NestedHoldout, add_nested_run_args, add_soup_cache_arg, read_cache,  # noqa: E402
-                     read_soup_cache, refit_mean, write_cached_report)
+from machine import (NestedHoldout, add_nested_run_args, add_soup_cache_arg, read_cache,  # noqa: E402
+                     read_default_runs, refit_mean, write_cached_report)
 
 VARIANTS = ("selected", "refit", "refit'")
-KEY_LABELS = {"lr_encoder": "lr"}
-RESTARTS_CACHE = RESULTS / "opq_restarts_nested.json"  # the run keys of bench/tower_rate_nested.py, which this generalises
+KEY_LABELS = {"lr_encoder": "lr"}  # the run keys of bench/tower_rate_nested.py, which this generalises
 
 
 def run_key(seed: int, mode: str, ratio: int, field: str, value: float) -> str:
@@ -84,9 +83,7 @@ def main(argv=None, stem: str = "field_nested", field: str | None = None, title:
     cast = type(defaults[field])
     cache = Path(args.cache)
     res = read_cache(cache)
-    soup = read_soup_cache(args) if args.mode == "jpq" else {}
-    # bench/opq_restarts_nested.py's "one index" runs are the same default runs (seeds 0-4) on the default data
-    restarts = read_cache(RESTARTS_CACHE) if soup and Path(args.soup_cache) == RESULTS / "refit_soup_nested.json" else {}
+    default_runs = read_default_runs(args) if args.mode == "jpq" else {}
     seeds = [int(s) for s in args.seeds.split(",")]
     values = [cast(float(v)) for v in args.values.split(",")]
     jpq = args.mode == "jpq"
@@ -97,12 +94,10 @@ def main(argv=None, stem: str = "field_nested", field: str | None = None, title:
         index = build_index(ws.doc_emb, m_for_ratio(ws.d, args.ratio), opq=True, seed=seed) if jpq else None
         for value in values:
             key = run_key(seed, args.mode, args.ratio, field, value)
-            reuse, source = soup.get(f"s{seed} {args.ratio}x"), Path(args.soup_cache or "-").name
-            if reuse is None and restarts:  # the same default runs, for seeds refit_soup_nested has not run
-                reuse, source = restarts.get(f"s{seed} {args.ratio}x", {}).get("one index"), RESTARTS_CACHE.name
+            reuse = default_runs.get(f"s{seed} {args.ratio}x")
             if key not in res and value == defaults[field] and reuse and all(v in reuse for v in VARIANTS):
                 res[key] = {"epoch": reuse["epoch"], **({"curve": reuse["curve"]} if "curve" in reuse else {}),
-                            **{v: reuse[v] for v in VARIANTS}, "from": source}
+                            **{v: reuse[v] for v in VARIANTS}, "from": reuse["from"]}
                 atomic_write_json(cache, res)
             if key in res:
                 continue
@@ -127,7 +122,7 @@ def main(argv=None, stem: str = "field_nested", field: str | None = None, title:
               "|---|---|" + "---|" * len(VARIANTS)]
     lines += [f"| {k} | {r['epoch']} | " + " | ".join(f"{r[v]['all']:.4f} / {r[v]['unseen']:.4f}" for v in VARIANTS)
               + " |" for k, r in res.items()]
-    reused = cache.name + (f", {Path(args.soup_cache).name}" if soup else "")
+    reused = ", ".join([cache.name, *sorted({r["from"] for r in default_runs.values()})])
     write_cached_report(args.out, lines, script, argv if shown_argv is None else shown_argv, t_all, reused)
 
 

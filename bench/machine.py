@@ -310,6 +310,20 @@ def read_soup_cache(args) -> dict:
     return read_cache(args.soup_cache) if args.soup_cache else {}
 
 
+def read_default_runs(args) -> dict:
+    """JPQ full with the demo's choices, by "s{seed} {ratio}x", each with "from" (its file): the
+    --soup-cache runs (`read_soup_cache`), and where that is the committed refit_soup_nested.json,
+    for the seeds it lacks, the "one index" runs of the committed opq_restarts_nested.json (the
+    same default runs; seeds 0-4). {} when there are none."""
+    soup = read_soup_cache(args)
+    runs = {}
+    if soup and Path(args.soup_cache) == RESULTS / "refit_soup_nested.json":
+        restarts = RESULTS / "opq_restarts_nested.json"
+        runs = {k: {**r["one index"], "from": restarts.name} for k, r in read_cache(restarts).items()}
+    runs.update({k: {**r, "from": Path(args.soup_cache).name} for k, r in soup.items()})
+    return runs
+
+
 def read_cache(path) -> dict:
     """A bench script's JSON cache of finished runs: its contents, or {} when there is none yet."""
     import json

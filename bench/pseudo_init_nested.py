@@ -10,7 +10,8 @@ demo's 96x choices otherwise; each seed's run trains and selects on the inner 80
 split and is scored on the outer 20% (all / unseen-positive outer queries), as in
 bench/field_nested.py; the unseen guard compares with post-hoc OPQ (as for the trainer's own
 initialisations), not with the pre-trained start. The test split is never read. Runs from OPQ itself (the demo's start) are
-reused from bench/results/refit_soup_nested.json / opq_restarts_nested.json.
+reused from --soup-cache (on the default data bench/results/refit_soup_nested.json, then
+opq_restarts_nested.json's "one index" runs: `machine.read_default_runs`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, NestedHoldout, add_nested_run_args, read_cache, refit_mean, write_cached_report  # noqa: E402
+from machine import (NestedHoldout, add_nested_run_args, add_soup_cache_arg, read_cache,  # noqa: E402
+                     read_default_runs, refit_mean, write_cached_report)
 from pseudo_query_posthoc import train_centroids  # noqa: E402
 
 VARIANTS = ("selected", "refit", "refit'")
@@ -33,6 +35,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_nested_run_args(ap, "pseudo_init_nested")
     ap.add_argument("--init-epochs", type=int, default=6)
+    add_soup_cache_arg(ap, "JPQ full from OPQ itself")
     args = ap.parse_args(argv)
 
     from jpq.pipeline import build_index, m_for_ratio
@@ -41,8 +44,7 @@ def main(argv=None):
 
     cache = Path(args.cache)
     res = read_cache(cache)
-    default_runs = {**read_cache(RESULTS / "refit_soup_nested.json"),
-                    **{k: v["one index"] for k, v in read_cache(RESULTS / "opq_restarts_nested.json").items()}}
+    default_runs = read_default_runs(args)
     nested = NestedHoldout(args.data, args.embeddings)
     ws = nested.ws
     t_all = time.perf_counter()
@@ -86,8 +88,8 @@ def main(argv=None):
         mean = (f"{np.mean([refit_mean(r, 'all') for r in done]):.4f} / "
                 f"{np.mean([refit_mean(r, 'unseen') for r in done]):.4f}") if done else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
-    write_cached_report(args.out, lines, __file__, argv, t_all, cache.name + ", refit_soup_nested.json, "
-                        "opq_restarts_nested.json")
+    write_cached_report(args.out, lines, __file__, argv, t_all,
+                        ", ".join([cache.name, *sorted({r["from"] for r in default_runs.values()})]))
 
 
 if __name__ == "__main__":
