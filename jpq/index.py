@@ -425,13 +425,11 @@ class PQIndex(VectorIndexInput):
 
     def remove_ids(self, ids) -> int:
         """Remove the vectors whose id is in `ids` (an index without ids: whose position is; the
-        later positions then shift down, as in faiss); return how many were removed."""
-        remove = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
-        if remove.ndim != 1 or not (np.issubdtype(remove.dtype, np.integer) or remove.size == 0) \
-                or remove.dtype == np.bool_:
-            raise TypeError(f"ids must be a 1-d sequence of integers, got dtype {remove.dtype}, shape {remove.shape}")
+        later positions then shift down, as in faiss); return how many were removed. `ids` is a
+        1-d sequence of integers or a faiss `IDSelector` (`IDSelectorRange`, `IDSelectorBatch`,
+        `IDSelectorNot`, ...), asked about each distinct id the index holds, as faiss asks it."""
         keys = self.ids if self.ids is not None else np.arange(self.ntotal, dtype=np.int64)
-        keep = ~np.isin(keys, remove.astype(np.int64, copy=False))
+        keep = ~self._selected(ids, keys)
         removed = int(self.ntotal - keep.sum())
         if removed:
             self.codes = np.ascontiguousarray(self.codes[keep])
@@ -439,32 +437,79 @@ class PQIndex(VectorIndexInput):
                 self.ids = np.ascontiguousarray(self.ids[keep])
         return removed
 
-    def _row_of(self, key: int, what: str) -> int:
-        """The position of id `key` (the last one added, as faiss' IndexIDMap2, if added twice); for an
-        index without ids, key itself."""
+    @staticmethod
+    def _selected(ids, keys: np.ndarray) -> np.ndarray:
+        """Boolean mask over `keys`: which of them `ids` (integers or a faiss IDSelector) selects."""
+        import faiss
+
+        if isinstance(ids, faiss.IDSelectorRange):  # the common selector, vectorised: imin <= id < imax
+            return (keys >= ids.imin) & (keys < ids.imax)
+        if isinstance(ids, faiss.IDSelector):
+            unique, inverse = np.unique(keys, return_inverse=True)
+            member = np.fromiter((ids.is_member(int(key)) for key in unique), dtype=bool, count=len(unique))
+            return member[inverse.reshape(-1)]
+        remove = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        if remove.ndim != 1 or not (np.issubdtype(remove.dtype, np.integer) or remove.size == 0) \
+                or remove.dtype == np.bool_:
+            raise TypeError(f"ids must be a 1-d sequence of integers or a faiss IDSelector, got dtype "
+                            f"{remove.dtype}, shape {remove.shape}")
+        if np.issubdtype(remove.dtype, np.unsignedinteger) and remove.size \
+                and remove.max() > np.iinfo(np.int64).max:
+            remove = remove[remove <= np.iinfo(np.int64).max]  # no id the index holds is that large
+        return np.isin(keys, remove.astype(np.int64, copy=False))
+
+    def _rows_of(self, keys: np.ndarray, what: str) -> np.ndarray:
+        """Positions of the ids `keys` (int64, 1-d) (the last one added, as faiss' IndexIDMap2, for
+        an id added twice); for an index without ids, the keys themselves. IndexError naming the
+        first key the index does not hold."""
         if self.ids is None:
-            if not 0 <= key < self.ntotal:
-                raise IndexError(f"{what} {key} out of range [0, {self.ntotal})")
-            return key
+            bad = (keys < 0) | (keys >= self.ntotal)
+            if bad.any():
+                raise IndexError(f"{what} {int(keys[bad][0])} out of range [0, {self.ntotal})")
+            return keys
         cache = getattr(self, "_id_rows", None)  # kept while `ids` is the same array (every change replaces it)
         if cache is None or cache[0] is not self.ids:
             order = np.argsort(self.ids, kind="stable")
             self._id_rows = cache = (self.ids, self.ids[order], order)
         _, sorted_ids, order = cache
-        at = int(np.searchsorted(sorted_ids, key, side="right")) - 1  # stable order: the last of equal ids
-        if at < 0 or sorted_ids[at] != key:
-            raise IndexError(f"{what} {key} is not in the index")
-        return int(order[at])
+        at = np.searchsorted(sorted_ids, keys, side="right") - 1  # stable order: the last of equal ids
+        found = at >= 0
+        found[found] = sorted_ids[at[found]] == keys[found]
+        if not found.all():
+            raise IndexError(f"{what} {int(keys[~found][0])} is not in the index")
+        return order[at]
 
     def reconstruct(self, i: int) -> np.ndarray:
         """The reconstruction of id `i` (its position in an index without ids)."""
         i = check_int("i", i)
-        row = self._row_of(i, "id")
+        row = int(self._rows_of(np.array([i], np.int64), "id")[0])
         return self.decode(self.codes[row : row + 1])[0]
 
+    def reconstruct_batch(self, keys) -> np.ndarray:
+        """Reconstructions (n, d) of the ids `keys` (n,) (positions in an index without ids), as
+        faiss' `reconstruct_batch`; IndexError for an id the index does not hold."""
+        if isinstance(keys, torch.Tensor):
+            keys = keys.detach().cpu().numpy()
+        keys = np.asarray(keys)
+        if keys.ndim != 1 or keys.dtype == np.bool_ or not (np.issubdtype(keys.dtype, np.integer) or keys.size == 0):
+            raise TypeError(f"keys must be a 1-d sequence of integers, got dtype {keys.dtype}, shape {keys.shape}")
+        if np.issubdtype(keys.dtype, np.unsignedinteger) and keys.size and keys.max() > np.iinfo(np.int64).max:
+            raise IndexError(f"id {int(keys.max())} is not in the index")
+        return self.decode(self.codes[self._rows_of(keys.astype(np.int64), "id")])
+
     def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
-        """Reconstructions of the vectors at positions i0 .. i0 + n - 1 (positions also in an index with ids)."""
+        """Reconstructions of ids i0 .. i0 + n - 1, as faiss' `reconstruct_n`: for an index without
+        ids, the vectors at those positions (n = None: to the end); for one with ids, the vectors
+        added under those ids (n is then needed; IndexError for an id it does not hold)."""
         i0 = check_int("i0", i0)
+        if self.ids is not None:
+            if n is None:
+                raise ValueError("an index with ids needs n: reconstruct_n(i0, n) reconstructs ids "
+                                 "i0 .. i0 + n - 1 (reconstruct_batch takes any ids)")
+            n = check_int("n", n)
+            if n < 0:
+                raise ValueError(f"n must be >= 0, got {n}")
+            return self.reconstruct_batch(np.arange(i0, i0 + n, dtype=np.int64))
         n = self.ntotal - i0 if n is None else check_int("n", n)
         if i0 < 0 or n < 0 or i0 + n > self.ntotal:
             raise IndexError(f"range [{i0}, {i0 + n}) out of [0, {self.ntotal})")

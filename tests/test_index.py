@@ -827,7 +827,12 @@ def test_reconstruct_takes_the_id(data):
     np.testing.assert_array_equal(index.reconstruct(1000), index.decode(index.codes[299:])[0])
     with pytest.raises(IndexError, match="id 5 is not in the index"):
         index.reconstruct(5)
-    np.testing.assert_array_equal(index.reconstruct_n(0, 2), index.decode(index.codes[:2]))  # positions
+    # reconstruct_n takes ids too, as faiss' IndexIDMap2: ids 1000 .. 1001 are the last two rows
+    np.testing.assert_array_equal(index.reconstruct_n(1000, 2), index.decode(index.codes[[299, 298]]))
+    with pytest.raises(IndexError, match="id 999 is not in the index"):
+        index.reconstruct_n(999, 2)
+    with pytest.raises(ValueError, match="needs n"):
+        index.reconstruct_n(1000)
     index.add_with_ids(x[1:2], [1299])  # a repeated id: the last one added, as faiss' IndexIDMap2
     np.testing.assert_array_equal(index.reconstruct(1299), index.decode(index.codes[300:])[0])
     np.testing.assert_allclose(index.to_faiss().reconstruct(1299), index.reconstruct(1299), rtol=1e-5, atol=1e-5)
@@ -933,3 +938,73 @@ def test_from_faiss_of_a_temporary_index_copies_before_it_is_freed(tmp_path, dat
         np.testing.assert_array_equal(again.codes, plain.codes)
         if opq:
             np.testing.assert_array_equal(again.rotation, plain.rotation)
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_reconstruct_batch_and_reconstruct_n_match_faiss(data, opq):
+    x, _ = data
+    ids = np.random.default_rng(3).permutation(400).astype(np.int64) + 50
+    index = with_ids(x[:400], ids, opq=opq)
+    f = index.to_faiss()
+    keys = np.array([ids[5], ids[0], ids[399], ids[5]], np.int64)  # any order, repeats allowed
+    np.testing.assert_allclose(index.reconstruct_batch(keys), f.reconstruct_batch(keys), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(index.reconstruct_batch(torch.from_numpy(keys)), index.reconstruct_batch(keys))
+    np.testing.assert_allclose(index.reconstruct_n(60, 30), f.reconstruct_n(60, 30), rtol=1e-5, atol=1e-5)
+    assert index.reconstruct_batch(np.zeros(0, np.int64)).shape == (0, 32)
+    assert index.reconstruct_n(60, 0).shape == (0, 32)
+    for bad, error, message in [([ids[0], 7], IndexError, "id 7 is not in the index"),
+                                ([0.5], TypeError, "keys must be a 1-d sequence of integers"),
+                                ([[ids[0]]], TypeError, "keys must be a 1-d sequence of integers"),
+                                (np.array([2**63], np.uint64), IndexError, "not in the index")]:
+        with pytest.raises(error, match=message):
+            index.reconstruct_batch(bad)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        index.reconstruct_n(60, -1)
+    plain = trained(x[:300], opq=opq)
+    fp = plain.to_faiss()
+    rows = np.array([299, 0, 17], np.int64)
+    np.testing.assert_allclose(plain.reconstruct_batch(rows), fp.reconstruct_batch(rows), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="id 300 out of range"):
+        plain.reconstruct_batch([300])
+    with pytest.raises(IndexError, match="id -1 out of range"):
+        plain.reconstruct_batch([-1])
+
+
+def faiss_selectors(ids):
+    """(name, faiss IDSelector) pairs over `ids`, each kept alive with the arrays it points to."""
+    batch = ids[::4].copy()
+    return [("range", faiss.IDSelectorRange(int(ids.min()) + 20, int(ids.min()) + 90)),
+            ("batch", faiss.IDSelectorBatch(batch)),
+            ("array", faiss.IDSelectorArray(batch)),
+            ("not range", faiss.IDSelectorNot(faiss.IDSelectorRange(0, int(np.median(ids))))),
+            ("empty range", faiss.IDSelectorRange(-5, -5))], batch
+
+
+@pytest.mark.parametrize("with_ids_map", [True, False])
+def test_remove_ids_takes_a_faiss_selector_as_faiss_does(data, with_ids_map):
+    x, q = data
+    ids = np.random.default_rng(4).permutation(300).astype(np.int64) * 2 + 10
+    ids[7] = ids[8]  # a repeated id goes with its twin
+    selectors, _keep_alive = faiss_selectors(ids if with_ids_map else np.arange(300, dtype=np.int64))
+    for name, selector in selectors:
+        index = with_ids(x[:300], ids) if with_ids_map else trained(x[:300])
+        f = index.to_faiss()
+        removed = index.remove_ids(selector)
+        assert removed == f.remove_ids(selector), name
+        assert index.ntotal == f.ntotal == 300 - removed, name
+        if with_ids_map:
+            np.testing.assert_array_equal(index.ids, faiss.vector_to_array(f.id_map))
+        D, I = index.search(q, 10)
+        Df, If = f.search(q, 10)
+        np.testing.assert_array_equal(I, If, err_msg=name)
+        np.testing.assert_allclose(D, Df, rtol=1e-4, atol=1e-4)
+    assert removed == 0  # the empty range
+    with pytest.raises(TypeError, match="or a faiss IDSelector"):
+        trained(x[:300]).remove_ids("0")
+
+
+def test_remove_ids_ignores_unsigned_ids_past_int64(data):
+    x, _ = data
+    index = with_ids(x[:300], np.arange(300))
+    assert index.remove_ids(np.array([2**64 - 1, 3], np.uint64)) == 1
+    assert 3 not in index.ids and index.ntotal == 299
