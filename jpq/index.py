@@ -428,14 +428,20 @@ class PQIndex(VectorIndexInput):
         later positions then shift down, as in faiss); return how many were removed. `ids` is a
         1-d sequence of integers or a faiss `IDSelector` (`IDSelectorRange`, `IDSelectorBatch`,
         `IDSelectorNot`, ...), asked about each distinct id the index holds, as faiss asks it."""
+        keep = self._rows_kept(ids)
+        self._keep_rows(keep)
+        return int(len(keep) - keep.sum())
+
+    def _rows_kept(self, ids) -> np.ndarray:
+        """Boolean mask over the rows: those `remove_ids(ids)` keeps."""
         keys = self.ids if self.ids is not None else np.arange(self.ntotal, dtype=np.int64)
-        keep = ~self._selected(ids, keys)
-        removed = int(self.ntotal - keep.sum())
-        if removed:
+        return ~self._selected(ids, keys)
+
+    def _keep_rows(self, keep: np.ndarray) -> None:
+        if not keep.all():
             self.codes = np.ascontiguousarray(self.codes[keep])
             if self.ids is not None:
                 self.ids = np.ascontiguousarray(self.ids[keep])
-        return removed
 
     @staticmethod
     def _selected(ids, keys: np.ndarray) -> np.ndarray:
@@ -536,12 +542,16 @@ class PQIndex(VectorIndexInput):
         path; "reference": NumPy).
         """
         D, I = self._search_positions(q, k, backend)
+        return D, self._positions_to_ids(I)
+
+    def _positions_to_ids(self, I):
+        """Search results' positions I (NumPy or torch, -1 padding kept) -> the ids they were added under."""
         if self.ids is None or not self.ntotal:  # nothing to map: every I is -1 padding
-            return D, I
+            return I
         if isinstance(I, torch.Tensor):
             ids = self._device_ids(I.device)
-            return D, torch.where(I >= 0, ids[I.clamp(min=0)], I)
-        return D, np.where(I >= 0, self.ids[np.maximum(I, 0)], I)
+            return torch.where(I >= 0, ids[I.clamp(min=0)], I)
+        return np.where(I >= 0, self.ids[np.maximum(I, 0)], I)
 
     def _search_positions(self, q, k: int, backend: str = "auto"):
         """`search` with I as positions 0 .. ntotal - 1 also in an index with ids (what the

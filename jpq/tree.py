@@ -479,6 +479,46 @@ class TreeIndex(VectorIndexInput):
         self.leaf_of = np.concatenate([self.leaf_of, leaves])
         self._lists = None
 
+    def add_with_ids(self, x, ids):
+        """Route x (n, d) to their leaves and append them under `ids` (n,) integers >= 0, which
+        `search` then returns instead of positions (as faiss' IndexIVFPQ.add_with_ids; an index
+        holds vectors added with ids or without, not both, as `PQIndex.add_with_ids`)."""
+        self._require_trained()
+        x = self._vectors("x", x)
+        ids = self.pq._check_ids(ids, len(x))  # before the routing: a bad id costs nothing
+        leaves = self.assign_leaves(x)
+        self.pq.add_with_ids(x, ids)
+        self.leaf_of = np.concatenate([self.leaf_of, leaves])
+        self._lists = None
+
+    @property
+    def ids(self) -> np.ndarray | None:
+        """(ntotal,) int64 ids of vectors added with `add_with_ids`, or None (ids are positions)."""
+        return self.pq.ids
+
+    def remove_ids(self, ids) -> int:
+        """Remove the documents whose id is in `ids` (an array of integers or a faiss IDSelector;
+        see `PQIndex.remove_ids`; without ids, positions, and the later ones shift down); return
+        how many were removed. The tree and the other documents' leaves are unchanged."""
+        keep = self.pq._rows_kept(ids)
+        if not keep.all():
+            self.pq._keep_rows(keep)
+            self.leaf_of = np.ascontiguousarray(self.leaf_of[keep])
+            self._lists = None
+        return int(len(keep) - keep.sum())
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        """The PQ reconstruction of id `i` (its position in an index without ids)."""
+        return self.pq.reconstruct(i)
+
+    def reconstruct_batch(self, keys) -> np.ndarray:
+        """PQ reconstructions (n, d) of the ids `keys` (see `PQIndex.reconstruct_batch`)."""
+        return self.pq.reconstruct_batch(keys)
+
+    def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
+        """PQ reconstructions of ids i0 .. i0 + n - 1 (see `PQIndex.reconstruct_n`)."""
+        return self.pq.reconstruct_n(i0, n)
+
     def reassign(self, x):
         """Re-route the stored documents, given their vectors x (ntotal, d), with the current
         routing (codes unchanged)."""
@@ -602,8 +642,9 @@ class TreeIndex(VectorIndexInput):
         """k best documents among those in the `beam` leaves each query reaches, by ADC.
 
         q: shape=(nq, d) float32, NumPy or torch (the frozen encoder's query vectors; the stored
-        query tower is applied here). Returns D (nq, k) float32 and I (nq, k) int64 (global ids),
-        best first, ties by smaller id, -1 ids (and -FLT_MAX / +FLT_MAX scores) when fewer than k
+        query tower is applied here). Returns D (nq, k) float32 and I (nq, k) int64 (positions
+        0 .. ntotal - 1, or the ids of documents added with `add_with_ids`), best first, ties by
+        smaller position, -1 ids (and -FLT_MAX / +FLT_MAX scores) when fewer than k
         documents were scored; torch in, torch out. A beam covering every leaf scores every
         document and returns `PQIndex.search`'s results on the same codes (on the CPU path:
         bitwise for more than 12 queries at a time, else to float32 rounding; module docstring).
@@ -620,6 +661,12 @@ class TreeIndex(VectorIndexInput):
         a leaf-major loop of `adc_scores` calls, 50 ms with a scan over a precomputed (nq, M, K)
         table, 16 ms fused (faiss IndexIVFPQ 10 ms; bench/results/tree_speed.md).
         """
+        D, I = self._search_positions(q, k, beam, backend)
+        return D, self.pq._positions_to_ids(I)
+
+    def _search_positions(self, q, k: int, beam: int, backend: str = "auto"):
+        """`search` with I as positions also in an index with ids (what the trainer, which
+        addresses documents by row, searches with)."""
         kind = array_kind(q=q)
         k = check_k(k)
         if backend not in BACKENDS:  # before the routing: ivf_search would say it only after it
@@ -671,6 +718,8 @@ class TreeIndex(VectorIndexInput):
     # ------------------------------------------------------------------ persistence
     def _arrays(self) -> dict:
         arrays = {"leaf_of": self.leaf_of, "codes": self.pq.codes}
+        if self.pq.ids is not None:
+            arrays["ids"] = self.pq.ids
         if self.embeddings is not None:
             for l in range(self.levels):
                 arrays[f"embeddings.{l}"] = self.embeddings[l]
@@ -708,6 +757,7 @@ class TreeIndex(VectorIndexInput):
         if "codes" not in arrays or "leaf_of" not in arrays:
             raise ValueError(f"{path} has a corrupted array table: codes and leaf_of are required")
         index.pq.codes = arrays["codes"]
+        index.pq.ids = arrays.get("ids")  # files from before ids: none
         index.pq.centroids = arrays.get("centroids")
         index.pq.rotation = arrays.get("rotation")
         index.query_matrix = arrays.get("query_matrix")
@@ -1012,7 +1062,7 @@ class TreeTrainer(Checkpointing):
         out, scores = {}, []
         for f in fractions:
             beam, measured = idx.beam_for_fraction(q, f)
-            _, I = idx.search(q, k, beam)
+            _, I = idx._search_positions(q, k, beam)
             m = evaluate((I, ids, doc_ids), qrels, ("ndcg@10", "recall@100", "mrr@10"))
             out[f] = {"beam": beam, "fraction_scored": measured, **m}
             scores.append(0.5 * (m["ndcg@10"] + m["recall@100"]))

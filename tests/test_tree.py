@@ -601,3 +601,109 @@ def test_paired_bootstrap_intervals():
             np.testing.assert_allclose([r["difference"], *r["ci95"]], 0.1, atol=1e-9)
         assert r["queries"] == 200 and r["versus"] == "base" and r["metric"] == "recall@100"
         assert r["resamples"] == 500
+
+
+# --------------------------------------------------------------------------- ids
+def tree_with_ids(small_tree, ids, rows=None):
+    """The small tree's routing and codebooks, its documents (those at `rows`) added under `ids`."""
+    import copy
+
+    index, x, _ = small_tree
+    tree = copy.deepcopy(index)
+    tree.reset()
+    tree.add_with_ids(x if rows is None else x[rows], ids)
+    return tree
+
+
+def test_add_with_ids_searches_as_positions_mapped_through_the_ids(small_tree):
+    index, x, q = small_tree
+    ids = np.random.default_rng(5).permutation(len(x)).astype(np.int64) * 1000 + 7
+    tree = tree_with_ids(small_tree, ids)
+    assert_equal(tree.leaf_of, index.leaf_of) and assert_equal(tree.ids, ids)
+    for beam in (1, 3, tree.n_leaves):
+        for k in (10, 700):  # 700 > N: -1 padding kept
+            D0, I0 = index.search(q, k, beam)
+            D, I = tree.search(q, k, beam)
+            assert_equal(D, D0)
+            assert_equal(I, np.where(I0 >= 0, ids[np.maximum(I0, 0)], -1))
+    D, I = tree.search(torch.from_numpy(q), 5, 2)
+    assert isinstance(I, torch.Tensor) and set(I.numpy().ravel()) <= set(ids)
+    assert_equal(tree.reconstruct(int(ids[3])), index.pq.decode(index.pq.codes[3:4])[0])
+    assert_equal(tree.reconstruct_batch(ids[[4, 1]]), index.pq.decode(index.pq.codes[[4, 1]]))
+    with pytest.raises(ValueError, match="mix positions and ids"):
+        tree.add(x[:2])
+    with pytest.raises(ValueError, match="ids must be >= 0"):
+        tree.add_with_ids(x[:2], [1, -1])
+    assert tree.ntotal == len(x) and len(tree.leaf_of) == len(x)  # nothing appended by a refused call
+
+
+@pytest.mark.parametrize("ids_map", [True, False])
+def test_remove_ids_keeps_the_tree_and_matches_a_fresh_index(small_tree, ids_map):
+    """Removing documents (by id, or by position without ids) leaves the routing and the other
+    documents' leaves alone: the same index as one built from the kept documents."""
+    import faiss
+
+    _, x, q = small_tree
+    keep = np.setdiff1d(np.arange(len(x)), np.arange(len(x))[::4])
+    if ids_map:
+        ids = np.arange(len(x), dtype=np.int64) * 3 + 1
+        tree, fresh = tree_with_ids(small_tree, ids), tree_with_ids(small_tree, ids[keep], keep)
+    else:
+        ids = np.arange(len(x), dtype=np.int64)
+        tree, fresh = tree_with_ids(small_tree, ids), tree_with_ids(small_tree, ids[keep], keep)
+        for t, rows in ((tree, ids), (fresh, keep)):  # the same trees without ids
+            t.reset()
+            t.add(x[rows])
+    assert tree.remove_ids(ids[::4]) == len(ids[::4])
+    assert_equal(tree.leaf_of, fresh.leaf_of)
+    assert_equal(tree.pq.codes, fresh.pq.codes)
+    for beam in (1, 4, tree.n_leaves):
+        for a, b in zip(tree.search(q, 20, beam), fresh.search(q, 20, beam)):
+            assert_equal(a, b)
+    first = int(tree.ids.min()) if ids_map else 0
+    removed = tree.remove_ids(faiss.IDSelectorRange(first, first + 40))
+    assert removed > 0 and tree.ntotal == len(keep) - removed == len(tree.leaf_of)
+    assert tree.remove_ids([]) == 0
+
+
+def test_ids_save_load_and_training_by_rows(small_tree, tmp_path):
+    """ids survive save / load; a TreeTrainer given an index with ids validates by rows (the same
+    history as without ids) and its trained index searches under the ids."""
+    index, x, q = small_tree
+    ids = np.random.default_rng(6).permutation(len(x)).astype(np.int64) + 100
+    tree = tree_with_ids(small_tree, ids)
+    tree.save(tmp_path / "ids.jpq")
+    loaded = TreeIndex.load(tmp_path / "ids.jpq")
+    assert_equal(loaded.ids, ids)
+    for a, b in zip(loaded.search(q, 10, 3), tree.search(q, 10, 3)):
+        assert_equal(a, b)
+    rng = np.random.default_rng(7)
+    qids = [f"q{i}" for i in range(60)]
+    qv = {i: (x[j] + 0.3 * rng.standard_normal(24)).astype(np.float32) for i, j in zip(qids, rng.integers(0, len(x), 60))}
+    qrels = {i: {int(np.argmax(x @ qv[i])): 1} for i in qids}
+    cfg = TreeConfig(epochs=2, patience=2, val_fractions=(0.2,), negatives=8, docs_per_step=32, seed=1)
+    plain_tr = TreeTrainer(cfg, index, x, qids, qrels, query_embeddings=qv, progress=False)
+    ids_tr = TreeTrainer(cfg, tree, x, qids, qrels, query_embeddings=qv, progress=False)
+    assert [h["val"] for h in ids_tr.fit()] == [h["val"] for h in plain_tr.fit()]
+    trained_plain, trained_ids = plain_tr.trained_index(), ids_tr.trained_index()
+    assert_equal(trained_ids.ids, ids)
+    D0, I0 = trained_plain.search(q, 10, 3)
+    D, I = trained_ids.search(q, 10, 3)
+    assert_equal(D, D0)
+    assert_equal(I, np.where(I0 >= 0, ids[np.maximum(I0, 0)], -1))
+
+
+@pytest.mark.interpreter
+def test_device_scan_maps_the_ids_too(small_tree):
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    _, x, q = small_tree
+    ids = np.arange(len(x), dtype=np.int64)[::-1] * 5 + 2
+    tree = tree_with_ids(small_tree, ids)
+    D_cpu, I_cpu = tree.search(q, 12, beam=3, backend="cpu")
+    D, I = tree.search(torch.from_numpy(q), 12, beam=3, backend="triton")
+    assert_equal(I.numpy(), I_cpu)
+    assert_close(D.numpy(), D_cpu, reduction_length=tree.M)
