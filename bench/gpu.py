@@ -258,6 +258,43 @@ def section_adc_scores(ctx):
         ctx.case("adc_scores", f"nq={nq} N={N} M={M} K={K}", run)
 
 
+def _check_topk(row, D, I, lut, codes, k: int, qs=None):
+    """Fill row.check from adc_topk's (D, I) against float64 torch scores of a few queries (`qs`,
+    default 4 spread over nq) over all N documents: ids exactly except at near-ties (both ids with
+    the same reference score within atol), values within atol = 2e-6 * M * max|lut|. Returns the
+    reference scores (the caller frees them)."""
+    import torch
+
+    nq, M, _ = lut.shape
+    N = codes.shape[0]
+    if qs is None:
+        qs = torch.arange(0, nq, max(1, nq // 4), device=lut.device)[:4]
+    ref = torch_adc_scores(lut[qs].double(), codes)  # (len(qs), N) float64
+    kk = min(k, N)
+    ref_v, ref_i = torch.topk(ref, kk, dim=1)
+    Dq, Iq = D[qs][:, :kk].double(), I[qs][:, :kk]
+    tol = 2e-6 * M * float(lut.abs().max())
+    problems = []
+    if bool((Iq < 0).any()) or bool((Iq >= N).any()):
+        problems.append("ids out of range")
+    else:
+        if float((Dq - ref.gather(1, Iq)).abs().max()) > tol:
+            problems.append("D != score of I")
+        if float((Dq - ref_v).abs().max()) > tol:
+            problems.append("top-k values differ")
+        differ = Iq != ref_i
+        # a differing id is fine only at a near-tie: both ids have the same reference score
+        tie_ok = (ref.gather(1, Iq) - ref.gather(1, ref_i)).abs() <= tol
+        if bool((differ & ~tie_ok).any()):
+            problems.append("ids differ beyond ties")
+    if k > N and not problems and (bool((I[qs][:, N:] != -1).any())):
+        problems.append("no -1 padding past N")
+    n_ties = int(differ.sum()) if not problems else 0
+    row.check = "FAIL " + ", ".join(problems) if problems else f"ok ({n_ties} near-tie ids)"
+    row.failed = bool(problems)
+    return ref
+
+
 def section_adc_topk(ctx, k: int = 10):
     import torch
     from jpq.kernels import adc_topk
@@ -267,29 +304,7 @@ def section_adc_topk(ctx, k: int = 10):
         def run(row, nq=nq, N=N, M=M, K=K):
             lut, codes = _adc_inputs(ctx, nq, N, M, K)
             D, I = adc_topk(lut, codes, k, metric="ip", backend="triton")
-            # reference: float64 scores of a few queries against all N documents, on the device
-            qs = torch.arange(0, nq, max(1, nq // 4), device=ctx.device)[:4]
-            ref = torch_adc_scores(lut[qs].double(), codes)  # (len(qs), N) float64
-            kk = min(k, N)
-            ref_v, ref_i = torch.topk(ref, kk, dim=1)
-            Dq, Iq = D[qs][:, :kk].double(), I[qs][:, :kk]
-            tol = 2e-6 * M * float(lut.abs().max())
-            problems = []
-            if bool((Iq < 0).any()) or bool((Iq >= N).any()):
-                problems.append("ids out of range")
-            else:
-                if float((Dq - ref.gather(1, Iq)).abs().max()) > tol:
-                    problems.append("D != score of I")
-                if float((Dq - ref_v).abs().max()) > tol:
-                    problems.append("top-k values differ")
-                differ = Iq != ref_i
-                # a differing id is fine only at a near-tie: both ids have the same reference score
-                tie_ok = (ref.gather(1, Iq) - ref.gather(1, ref_i)).abs() <= tol
-                if bool((differ & ~tie_ok).any()):
-                    problems.append("ids differ beyond ties")
-            n_ties = int(differ.sum()) if not problems else 0
-            row.check = "FAIL " + ", ".join(problems) if problems else f"ok ({n_ties} near-tie ids)"
-            row.failed = bool(problems)
+            ref = _check_topk(row, D, I, lut, codes, k)
             del D, I, ref
             ctx.measure(
                 row,
@@ -737,8 +752,91 @@ def section_train(ctx):
     ctx.case("JPQTrainer step", f"N={N} d={d} M={M} nbits={nbits} queries={nq} batch=32", run)
 
 
+# --------------------------------------------------------------------------- past 32-bit offsets
+def section_large(ctx, k: int = 10):
+    """What no small size reaches: (1) adc_topk's span-by-span search and (score, id) merge, with
+    the span shrunk to a third of N (it is 2**32 - 2 documents, which no card holds as 16-byte
+    codes in a test); (2) code, score and row offsets past 2**31 elements in the ADC, top-k and
+    assign kernels (int64 block offsets): N * M > 2**31 codes, n * D > 2**31 floats, checked on
+    the last rows, where an int32 offset would have wrapped. (2) needs about 2.2 GB of codes and
+    8.6 GB of vectors on the device; the dry run takes small sizes through the same code."""
+    import numpy as np
+    import torch
+    from jpq.kernels import adc as adc_module
+    from jpq.kernels import adc_scores, adc_topk, assign
+    from jpq.kernels.adc import adc_scores_reference
+    from jpq.kernels.assign import assign_reference
+    from jpq.kernels.assign_triton import assign_triton
+
+    dry = ctx.size == "dry"
+    nq, N, M = (3, 301, 8) if dry else (64, 1_000_003, 16)
+
+    def spans(row):
+        lut, codes = _adc_inputs(ctx, nq, N, M, 16 if dry else 256)
+        saved = adc_module.TRITON_MAX_SPAN_DOCS
+        adc_module.TRITON_MAX_SPAN_DOCS = N // 3 + 1  # three spans, the last one shorter
+        try:
+            D, I = adc_topk(lut, codes, k, metric="ip", backend="triton")
+            ref = _check_topk(row, D, I, lut, codes, k)
+            del D, I, ref
+            spans_ms = ctx.bench(lambda: adc_topk(lut, codes, k, backend="triton", check=False))
+        finally:
+            adc_module.TRITON_MAX_SPAN_DOCS = saved
+        row.triton_ms = spans_ms  # against the one-span search of the same inputs
+        row.torch_ms = ctx.bench(lambda: adc_topk(lut, codes, k, backend="triton", check=False))
+        row.nbytes = N * M + lut.numel() * 4 + nq * k * (4 + 8)
+
+    ctx.case("adc_topk 3 spans (torch ms: 1 span)", f"nq={nq} N={N} M={M} k={k}", spans)
+
+    M_big = 8 if dry else 96
+    N_big = 1000 if dry else (1 << 31) // M_big + 4099  # N * M > 2**31 codes (2.15 GB)
+
+    def big_codes(row):
+        lut, codes = _adc_inputs(ctx, 2, N_big, M_big, 256)
+        qs = torch.arange(2, device=ctx.device)
+        D, I = adc_topk(lut, codes, k, metric="ip", backend="triton")
+        ref = _check_topk(row, D, I, lut, codes, k, qs=qs)
+        del ref
+        top_ok = row.check
+        tail = torch.arange(max(0, N_big - 4096), N_big, device=ctx.device)  # the rows past 2**31 / M
+        scores = adc_scores(lut, codes, backend="triton")
+        want = adc_scores_reference(lut.cpu().numpy(), codes[tail].cpu().numpy())
+        got = scores[:, tail].cpu().numpy()
+        atol = 2e-6 * M_big * float(lut.abs().max())
+        ok = np.allclose(got, want, rtol=1e-5, atol=atol)
+        row.check = f"top-k {top_ok}; last rows' scores {'ok' if ok else 'FAIL'}"
+        row.failed = row.failed or not ok
+        del scores, D, I
+        row.triton_ms = ctx.bench(lambda: adc_topk(lut, codes, k, backend="triton", check=False))
+        row.torch_ms = ctx.bench(lambda: torch_adc_topk(lut, codes, k))
+        row.nbytes = N_big * M_big + lut.numel() * 4
+
+    ctx.case("adc_topk + adc_scores, N*M > 2**31", f"nq=2 N={N_big} M={M_big} k={k}", big_codes)
+
+    D_big, M_a = (24, 3) if dry else (96, 12)
+    n_big = 500 if dry else (1 << 31) // D_big + 1001  # n * D > 2**31 floats (8.6 GB)
+
+    def big_rows(row):
+        g = _generator(ctx, 2)
+        C = torch.randn((M_a, 256, D_big // M_a), generator=g, device=ctx.device)
+        x = torch.randn((n_big, D_big), generator=g, device=ctx.device)
+        codes = assign(x, C, backend="triton")
+        rows = np.concatenate([np.arange(2048), np.arange(n_big - 2048, n_big)])
+        rows = np.unique(rows[(rows >= 0) & (rows < n_big)])
+        x_s, C_np = x[rows].cpu().numpy(), C.cpu().numpy()
+        ties, bad = _near_tie_mismatches(x_s, C_np, codes[rows].cpu().numpy(), assign_reference(x_s, C_np))
+        row.check = f"ok ({ties} near-ties)" if not bad else f"FAIL {bad} codes differ ({ties} near-ties)"
+        row.failed = bad > 0
+        del codes
+        row.triton_ms = ctx.bench(lambda: assign_triton(x, C))
+        row.torch_ms = ctx.bench(lambda: torch_assign(x, C))
+        row.nbytes = x.numel() * 4 + n_big * M_a
+
+    ctx.case("assign, n*D > 2**31", f"n={n_big} D={D_big} M={M_a} K=256", big_rows)
+
+
 SECTIONS = [section_adc_scores, section_adc_topk, section_assign, section_ste, section_ste_pairs,
-            section_index_search, section_ivf_search, section_tree_search, section_train]
+            section_index_search, section_ivf_search, section_tree_search, section_train, section_large]
 
 
 # --------------------------------------------------------------------------- launch-config sweep
