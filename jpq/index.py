@@ -20,7 +20,7 @@ import torch
 
 from .kernels import adc_scores, adc_topk, assign, build_lut
 from .kernels.assign import check_centroids
-from .kernels.dispatch import triton_importable
+from .kernels.dispatch import BACKENDS, triton_importable
 from .storage import read_container, write_container
 from .kernels.arrays import (
     array_kind,
@@ -552,6 +552,73 @@ class PQIndex(VectorIndexInput):
             ids = self._device_ids(I.device)
             return torch.where(I >= 0, ids[I.clamp(min=0)], I)
         return np.where(I >= 0, self.ids[np.maximum(I, 0)], I)
+
+    # scores per range_search block: (queries x documents) floats, 64 MiB
+    RANGE_BLOCK_SCORES = 1 << 24
+
+    def range_search(self, q, radius: float, backend: str = "auto"):
+        """Every indexed vector within `radius` of each query, as faiss' `range_search`: inner
+        product > radius (metric "ip"), squared L2 distance < radius ("l2"), scored by ADC as
+        `search` scores them.
+
+        Returns lims (nq + 1,) int64, D (lims[-1],) float32 and I (lims[-1],) int64: query i's
+        results are D[lims[i]:lims[i + 1]] and I[...], in index order (by position; an index
+        with ids returns the ids), as faiss' IndexPQ lists them. torch queries give torch
+        tensors; on a CUDA device (backend "auto" with Triton, or "triton") the scoring runs
+        there. Memory: the results plus a few temporaries the size of one block of scores
+        (at most RANGE_BLOCK_SCORES floats: the scores, their mask, the scaled scores).
+        """
+        kind = array_kind(q=q)
+        if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, float, np.integer, np.floating)):
+            raise TypeError(f"radius must be a number, got {type(radius).__name__}")
+        radius = float(radius)
+        if math.isnan(radius):
+            raise ValueError("radius must not be nan")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._require_trained()
+        if searches_on_device(kind, backend):
+            check_float_matrix("q", q)
+            if q.shape[1] != self.d:
+                raise ValueError(f"q must have shape (n, {self.d}), got {tuple(q.shape)}")
+            codes, centroids, rotation = self._device_arrays(q.device)
+            qd = q.detach().to(torch.float32)
+            if rotation is not None:
+                qd = qd @ rotation.T
+            lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto", check=False)
+            scale = self._device_unit_scale(codes, centroids, "triton") if self.unit_norm else None
+            score_backend, xp = "triton", torch
+        else:
+            lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
+            codes, scale = self.codes, (self._unit_scale() if self.unit_norm else None)
+            score_backend, xp = ("reference" if backend == "reference" else "cpu"), np
+        nq, N = lut.shape[0], codes.shape[0]
+        block = max(1, self.RANGE_BLOCK_SCORES // max(1, nq))
+        found_q, found_n, found_d = [], [], []
+        for a in range(0, N, block):
+            scores = adc_scores(lut, codes[a : a + block], backend=score_backend)
+            if scale is not None:
+                scores = scores * scale[a : a + block][None]
+            within = scores > radius if self.metric == "ip" else scores < radius
+            # row-major: by query, then by document
+            qi, ni = within.nonzero(as_tuple=True) if xp is torch else within.nonzero()
+            found_q.append(qi)
+            found_n.append(ni + a)
+            found_d.append(scores[qi, ni])
+        if xp is torch:
+            cat = (lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=lut.device))
+            qi, ni, D = cat(found_q, torch.int64), cat(found_n, torch.int64), cat(found_d, torch.float32)
+            order = torch.sort(qi, stable=True).indices  # blocks come in document order: stable keeps it
+            I, D = ni[order], D[order]
+            counts = torch.bincount(qi, minlength=nq)
+            lims = torch.cat([torch.zeros(1, dtype=torch.int64, device=lut.device), torch.cumsum(counts, 0)])
+            return lims, D, self._positions_to_ids(I)
+        cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
+        qi, ni, D = cat(found_q, np.int64), cat(found_n, np.int64), cat(found_d, np.float32)
+        order = np.argsort(qi, kind="stable")
+        I, D = ni[order], D[order]
+        lims = np.concatenate([[0], np.cumsum(np.bincount(qi, minlength=nq))]).astype(np.int64)
+        return tuple(kind.wrap(a) for a in (lims, D, self._positions_to_ids(I)))
 
     def _search_positions(self, q, k: int, backend: str = "auto"):
         """`search` with I as positions 0 .. ntotal - 1 also in an index with ids (what the

@@ -1008,3 +1008,104 @@ def test_remove_ids_ignores_unsigned_ids_past_int64(data):
     index = with_ids(x[:300], np.arange(300))
     assert index.remove_ids(np.array([2**64 - 1, 3], np.uint64)) == 1
     assert 3 not in index.ids and index.ntotal == 299
+
+
+def radius_in_a_gap(scores: np.ndarray, rank: int) -> float:
+    """A radius between two distinct scores near the `rank`-th of all, away from both by more than
+    float32 rounding: results then cannot depend on summation order."""
+    flat = np.unique(scores.ravel())
+    gaps = np.diff(flat)
+    at = rank + int(np.argmax(gaps[rank : rank + 200] > 1e-3))
+    return float((flat[at] + flat[at + 1]) / 2)
+
+
+def assert_range_results_equal(got, want, rtol=1e-5, atol=1e-5):
+    lims, D, I = (np.asarray(a) for a in got)
+    flims, fD, fI = want
+    np.testing.assert_array_equal(lims, flims)
+    np.testing.assert_array_equal(I, fI)
+    np.testing.assert_allclose(D, fD, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("opq", [False, True])
+def test_range_search_matches_faiss(data, metric, opq):
+    x, q = data
+    index = trained(x, metric=metric, opq=opq)
+    scores = adc_scores_reference(index.lut(q, backend="reference"), index.codes)
+    for rank in (0, 500, len(x) * len(q) // 3):  # from one result to a third of everything
+        r = radius_in_a_gap(-scores if metric == "ip" else scores, rank)
+        r = -r if metric == "ip" else r
+        result = index.range_search(q, r)
+        assert_range_results_equal(result, index.to_faiss().range_search(q, r))
+        lims, D, I = result
+        assert lims.dtype == np.int64 and I.dtype == np.int64 and D.dtype == np.float32
+        for i in range(len(q)):  # query i's results: its vectors within r, in index order
+            want = np.nonzero(scores[i] > r if metric == "ip" else scores[i] < r)[0]
+            np.testing.assert_array_equal(I[lims[i] : lims[i + 1]], want)
+        assert_range_results_equal(index.range_search(q, r, backend="reference"), result)
+
+
+def test_range_search_with_ids_blocks_torch_and_edges(data, monkeypatch):
+    x, q = data
+    ids = np.random.default_rng(8).permutation(len(x)).astype(np.int64) * 7 + 3
+    index = with_ids(x, ids)
+    scores = adc_scores_reference(index.lut(q), index.codes)
+    r = -radius_in_a_gap(-scores, 2000)
+    whole = index.range_search(q, r)
+    assert_range_results_equal(whole, index.to_faiss().range_search(q, r))
+    monkeypatch.setattr(jpq.PQIndex, "RANGE_BLOCK_SCORES", 7 * len(q))  # blocks of 7 documents
+    assert_range_results_equal(index.range_search(q, r), whole)
+    lims_t, D_t, I_t = index.range_search(torch.from_numpy(q), r)
+    assert all(isinstance(a, torch.Tensor) for a in (lims_t, D_t, I_t))
+    assert_range_results_equal((lims_t, D_t, I_t), whole, rtol=0, atol=0)
+    lims, D, I = index.range_search(q, float(scores.max()) + 1)  # nothing within
+    assert (lims == 0).all() and D.shape == I.shape == (0,)
+    lims, _, I = index.range_search(q, -np.inf)  # everything
+    np.testing.assert_array_equal(lims, np.arange(len(q) + 1) * len(x))
+    np.testing.assert_array_equal(I[: len(x)], ids)
+    lims, D, I = index.range_search(q[:0], r)
+    assert lims.tolist() == [0] and len(I) == 0
+    empty = jpq.PQIndex(32, 8)
+    empty.centroids = index.centroids
+    lims, D, I = empty.range_search(q, r)
+    assert (lims == 0).all() and len(D) == 0
+    for bad, error in [(True, TypeError), ("1", TypeError), (float("nan"), ValueError)]:
+        with pytest.raises(error, match="radius"):
+            index.range_search(q, bad)
+    with pytest.raises(ValueError, match="backend"):
+        index.range_search(q, r, backend="gpu")
+    with pytest.raises(RuntimeError, match="not trained"):
+        jpq.PQIndex(32, 8).range_search(q, r)
+
+
+def test_range_search_of_a_unit_norm_index_scores_the_rescaled_reconstructions(data):
+    x, q = data
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    index = jpq.PQIndex(32, 8, unit_norm=True)
+    index.train(xn, niter=8)
+    index.add(xn)
+    rec = index.decode(index.codes)  # already rescaled to unit norm
+    scores = q.astype(np.float64) @ rec.T.astype(np.float64)
+    r = -radius_in_a_gap(-scores, 300)
+    lims, D, I = index.range_search(q, r)
+    for i in range(len(q)):
+        np.testing.assert_array_equal(I[lims[i] : lims[i + 1]], np.nonzero(scores[i] > r)[0])
+    np.testing.assert_allclose(D, np.concatenate([scores[i][scores[i] > r] for i in range(len(q))]),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_range_search_on_the_device_matches_the_cpu(data):
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    x, q = data
+    index = with_ids(x[:400], np.arange(400)[::-1] + 10)
+    scores = adc_scores_reference(index.lut(q[:3]), index.codes)
+    r = -radius_in_a_gap(-scores, 100)
+    lims, D, I = index.range_search(torch.from_numpy(q[:3]), r, backend="triton")
+    assert all(isinstance(a, torch.Tensor) for a in (lims, D, I))
+    assert_range_results_equal((lims, D, I), index.range_search(q[:3], r))
