@@ -287,8 +287,10 @@ def _check_topk(row, D, I, lut, codes, k: int, qs=None):
         tie_ok = (ref.gather(1, Iq) - ref.gather(1, ref_i)).abs() <= tol
         if bool((differ & ~tie_ok).any()):
             problems.append("ids differ beyond ties")
-    if k > N and not problems and (bool((I[qs][:, N:] != -1).any())):
-        problems.append("no -1 padding past N")
+    if k > N and not problems:
+        fill = torch.finfo(torch.float32).max  # metric "ip": -FLT_MAX past N
+        if bool((I[qs][:, N:] != -1).any()) or bool((D[qs][:, N:] != -fill).any()):
+            problems.append("no -1 / -FLT_MAX padding past N")
     n_ties = int(differ.sum()) if not problems else 0
     row.check = "FAIL " + ", ".join(problems) if problems else f"ok ({n_ties} near-tie ids)"
     row.failed = bool(problems)
@@ -793,10 +795,15 @@ def section_large(ctx, k: int = 10):
 
     def big_codes(row):
         lut, codes = _adc_inputs(ctx, 2, N_big, M_big, 256)
+        # the last document is query 0's best possible code: its top-1 must come from past 2**31 / M
+        codes[-1] = lut[0].argmax(-1).to(torch.uint8)
         qs = torch.arange(2, device=ctx.device)
         D, I = adc_topk(lut, codes, k, metric="ip", backend="triton")
         ref = _check_topk(row, D, I, lut, codes, k, qs=qs)
         del ref
+        best = float(lut[0].double().max(-1).values.sum())
+        if int(I[0, 0]) != N_big - 1 or abs(float(D[0, 0]) - best) > 2e-6 * M_big * float(lut.abs().max()):
+            row.check, row.failed = f"FAIL top-1 {int(I[0, 0])}, not the planted {N_big - 1}", True
         top_ok = row.check
         tail = torch.arange(max(0, N_big - 4096), N_big, device=ctx.device)  # the rows past 2**31 / M
         scores = adc_scores(lut, codes, backend="triton")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import zlib
 
 import numpy as np
@@ -187,6 +188,23 @@ def reconstruction_norms_torch(centroids: torch.Tensor, codes: torch.Tensor) -> 
 
 
 # --------------------------------------------------------------------------- index
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_radius(radius) -> float:
+    """A range_search radius as a float: a number, or a 0-d array / tensor holding one; not nan.
+    Past float32's range it becomes +-inf (the scores are float32, as in faiss)."""
+    if isinstance(radius, (np.ndarray, torch.Tensor)) and radius.ndim == 0:
+        radius = radius.item()
+    if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, float, np.integer, np.floating)):
+        raise TypeError(f"radius must be a number, got {type(radius).__name__}")
+    radius = float(radius)
+    if math.isnan(radius):
+        raise ValueError("radius must not be nan")
+    return math.copysign(math.inf, radius) if abs(radius) > FLOAT32_MAX else radius
+
+
 class VectorIndexInput:
     """Input checks shared by the indexes (PQIndex, TreeIndex): needs `d` and `is_trained`."""
 
@@ -407,12 +425,16 @@ class PQIndex(VectorIndexInput):
             raise ValueError(f"ids must be >= 0 (-1 marks padding in search results), found {ids.min()}")
         return ids
 
-    def _append(self, codes: np.ndarray, ids: np.ndarray | None, how: str) -> None:
-        if self.ntotal and (ids is None) != (self.ids is None):
+    def _check_mix(self, with_ids: bool, how: str) -> None:
+        """ValueError when adding vectors with ids (or without) would mix them with the held ones."""
+        if self.ntotal and with_ids != (self.ids is not None):
             held = "with ids (add_with_ids)" if self.ids is not None else "without ids (add)"
             raise ValueError(f"this index holds {self.ntotal} vectors added {held}; {how} "
-                             f"{'without' if ids is None else 'with'} ids would mix positions and ids: "
+                             f"{'with' if with_ids else 'without'} ids would mix positions and ids: "
                              f"add them the same way (or reset() first)")
+
+    def _append(self, codes: np.ndarray, ids: np.ndarray | None, how: str) -> None:
+        self._check_mix(ids is not None, how)
         if not self.ntotal:
             self.ids = ids  # an emptied index takes either kind again
         elif ids is not None:
@@ -446,11 +468,10 @@ class PQIndex(VectorIndexInput):
     @staticmethod
     def _selected(ids, keys: np.ndarray) -> np.ndarray:
         """Boolean mask over `keys`: which of them `ids` (integers or a faiss IDSelector) selects."""
-        import faiss
-
-        if isinstance(ids, faiss.IDSelectorRange):  # the common selector, vectorised: imin <= id < imax
+        faiss = sys.modules.get("faiss")  # a faiss IDSelector exists only once faiss is imported
+        if faiss is not None and isinstance(ids, faiss.IDSelectorRange):  # the common selector, vectorised: imin <= id < imax
             return (keys >= ids.imin) & (keys < ids.imax)
-        if isinstance(ids, faiss.IDSelector):
+        if faiss is not None and isinstance(ids, faiss.IDSelector):
             unique, inverse = np.unique(keys, return_inverse=True)
             member = np.fromiter((ids.is_member(int(key)) for key in unique), dtype=bool, count=len(unique))
             return member[inverse.reshape(-1)]
@@ -488,6 +509,9 @@ class PQIndex(VectorIndexInput):
     def reconstruct(self, i: int) -> np.ndarray:
         """The reconstruction of id `i` (its position in an index without ids)."""
         i = check_int("i", i)
+        if not INT64_MIN <= i <= INT64_MAX:  # no id the index holds (np.array would raise OverflowError)
+            raise IndexError(f"id {i} is not in the index" if self.ids is not None
+                             else f"id {i} out of range [0, {self.ntotal})")
         row = int(self._rows_of(np.array([i], np.int64), "id")[0])
         return self.decode(self.codes[row : row + 1])[0]
 
@@ -515,6 +539,9 @@ class PQIndex(VectorIndexInput):
             n = check_int("n", n)
             if n < 0:
                 raise ValueError(f"n must be >= 0, got {n}")
+            # ids are int64 >= 0, and n distinct ids need n vectors: refuse before building the range
+            if n and (i0 < 0 or i0 + n - 1 > INT64_MAX or n > self.ntotal):
+                raise IndexError(f"ids {i0} .. {i0 + n - 1} are not all in the index ({self.ntotal} vectors)")
             return self.reconstruct_batch(np.arange(i0, i0 + n, dtype=np.int64))
         n = self.ntotal - i0 if n is None else check_int("n", n)
         if i0 < 0 or n < 0 or i0 + n > self.ntotal:
@@ -565,15 +592,11 @@ class PQIndex(VectorIndexInput):
         results are D[lims[i]:lims[i + 1]] and I[...], in index order (by position; an index
         with ids returns the ids), as faiss' IndexPQ lists them. torch queries give torch
         tensors; on a CUDA device (backend "auto" with Triton, or "triton") the scoring runs
-        there. Memory: the results plus a few temporaries the size of one block of scores
-        (at most RANGE_BLOCK_SCORES floats: the scores, their mask, the scaled scores).
+        there. Memory: the results plus a few temporaries of at most RANGE_BLOCK_SCORES floats
+        each: the look-up tables of a chunk of queries, one block of their scores, its mask.
         """
         kind = array_kind(q=q)
-        if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, float, np.integer, np.floating)):
-            raise TypeError(f"radius must be a number, got {type(radius).__name__}")
-        radius = float(radius)
-        if math.isnan(radius):
-            raise ValueError("radius must not be nan")
+        radius = _check_radius(radius)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._require_trained()
@@ -582,36 +605,46 @@ class PQIndex(VectorIndexInput):
             if q.shape[1] != self.d:
                 raise ValueError(f"q must have shape (n, {self.d}), got {tuple(q.shape)}")
             codes, centroids, rotation = self._device_arrays(q.device)
-            qd = q.detach().to(torch.float32)
+            q = q.detach().to(torch.float32)
             if rotation is not None:
-                qd = qd @ rotation.T
-            lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto", check=False)
+                q = q @ rotation.T
             scale = self._device_unit_scale(codes, centroids, "triton") if self.unit_norm else None
             score_backend, xp = "triton", torch
+
+            def luts(a: int, b: int):
+                return build_lut(q[a:b].contiguous(), centroids, self.metric, backend="auto", check=False)
         else:
-            lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
+            q = self._vectors("q", q)
             codes, scale = self.codes, (self._unit_scale() if self.unit_norm else None)
-            score_backend, xp = ("reference" if backend == "reference" else "cpu"), np
-        nq, N = lut.shape[0], codes.shape[0]
-        block = max(1, self.RANGE_BLOCK_SCORES // max(1, nq))
+            # "triton" with NumPy queries is refused by adc_scores, as search refuses it
+            score_backend, xp = ("cpu" if backend == "auto" else backend), np
+
+            def luts(a: int, b: int):
+                return self.lut(q[a:b], backend="reference" if backend == "reference" else "cpu")
+        nq, N = q.shape[0], codes.shape[0]
+        queries_per_chunk = max(1, self.RANGE_BLOCK_SCORES // (self.M * self.K))
         found_q, found_n, found_d = [], [], []
-        for a in range(0, N, block):
-            scores = adc_scores(lut, codes[a : a + block], backend=score_backend)
-            if scale is not None:
-                scores = scores * scale[a : a + block][None]
-            within = scores > radius if self.metric == "ip" else scores < radius
-            # row-major: by query, then by document
-            qi, ni = within.nonzero(as_tuple=True) if xp is torch else within.nonzero()
-            found_q.append(qi)
-            found_n.append(ni + a)
-            found_d.append(scores[qi, ni])
+        for qa in range(0, nq, queries_per_chunk):
+            lut = luts(qa, qa + queries_per_chunk)
+            block = max(1, self.RANGE_BLOCK_SCORES // lut.shape[0])
+            for a in range(0, N, block):
+                scores = adc_scores(lut, codes[a : a + block], backend=score_backend)
+                if scale is not None:
+                    scores = scores * scale[a : a + block][None]
+                within = scores > radius if self.metric == "ip" else scores < radius
+                # row-major: by query, then by document
+                qi, ni = within.nonzero(as_tuple=True) if xp is torch else within.nonzero()
+                found_q.append(qi + qa)
+                found_n.append(ni + a)
+                found_d.append(scores[qi, ni])
         if xp is torch:
-            cat = (lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=lut.device))
+            device = codes.device
+            cat = (lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device))
             qi, ni, D = cat(found_q, torch.int64), cat(found_n, torch.int64), cat(found_d, torch.float32)
             order = torch.sort(qi, stable=True).indices  # blocks come in document order: stable keeps it
             I, D = ni[order], D[order]
             counts = torch.bincount(qi, minlength=nq)
-            lims = torch.cat([torch.zeros(1, dtype=torch.int64, device=lut.device), torch.cumsum(counts, 0)])
+            lims = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(counts, 0)])
             return lims, D, self._positions_to_ids(I)
         cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
         qi, ni, D = cat(found_q, np.int64), cat(found_n, np.int64), cat(found_d, np.float32)

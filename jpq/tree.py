@@ -474,6 +474,7 @@ class TreeIndex(VectorIndexInput):
         from ntotal."""
         self._require_trained()
         x = self._vectors("x", x)
+        self.pq._check_mix(False, "add")  # before the routing, which costs more than the check
         leaves = self.assign_leaves(x)
         self.pq.add(x)
         self.leaf_of = np.concatenate([self.leaf_of, leaves])
@@ -486,6 +487,7 @@ class TreeIndex(VectorIndexInput):
         self._require_trained()
         x = self._vectors("x", x)
         ids = self.pq._check_ids(ids, len(x))  # before the routing: a bad id costs nothing
+        self.pq._check_mix(True, "add_with_ids")
         leaves = self.assign_leaves(x)
         self.pq.add_with_ids(x, ids)
         self.leaf_of = np.concatenate([self.leaf_of, leaves])
@@ -498,8 +500,10 @@ class TreeIndex(VectorIndexInput):
 
     def remove_ids(self, ids) -> int:
         """Remove the documents whose id is in `ids` (an array of integers or a faiss IDSelector;
-        see `PQIndex.remove_ids`; without ids, positions, and the later ones shift down); return
-        how many were removed. The tree and the other documents' leaves are unchanged."""
+        see `PQIndex.remove_ids`); return how many were removed. The tree and the other documents'
+        leaves are unchanged. Without ids, `ids` are positions and the later ones shift down, as
+        in `PQIndex` (faiss' IVF indexes, which always store ids, keep the others' labels: add
+        with `add_with_ids` for that)."""
         keep = self.pq._rows_kept(ids)
         if not keep.all():
             self.pq._keep_rows(keep)

@@ -1,6 +1,7 @@
 """jpq.PQIndex: train/add/search/reconstruct, save/load, faiss interop, bad inputs."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -960,6 +961,12 @@ def test_reconstruct_batch_and_reconstruct_n_match_faiss(data, opq):
             index.reconstruct_batch(bad)
     with pytest.raises(ValueError, match="n must be >= 0"):
         index.reconstruct_n(60, -1)
+    for i0, n in [(2**63 - 2, 3), (2**63 - 1, 2), (0, 10**12), (-1, 2)]:  # refused before any allocation
+        with pytest.raises(IndexError, match="not all in the index"):
+            index.reconstruct_n(i0, n)
+    for key in (2**63, -(2**63) - 1, np.uint64(2**63)):
+        with pytest.raises(IndexError, match="not in the index"):
+            index.reconstruct(key)
     plain = trained(x[:300], opq=opq)
     fp = plain.to_faiss()
     rows = np.array([299, 0, 17], np.int64)
@@ -968,6 +975,8 @@ def test_reconstruct_batch_and_reconstruct_n_match_faiss(data, opq):
         plain.reconstruct_batch([300])
     with pytest.raises(IndexError, match="id -1 out of range"):
         plain.reconstruct_batch([-1])
+    with pytest.raises(IndexError, match="out of range"):
+        plain.reconstruct(2**64)
 
 
 def faiss_selectors(ids):
@@ -1058,7 +1067,7 @@ def test_range_search_with_ids_blocks_torch_and_edges(data, monkeypatch):
     assert_range_results_equal(index.range_search(q, r), whole)
     lims_t, D_t, I_t = index.range_search(torch.from_numpy(q), r)
     assert all(isinstance(a, torch.Tensor) for a in (lims_t, D_t, I_t))
-    assert_range_results_equal((lims_t, D_t, I_t), whole, rtol=0, atol=0)
+    assert_range_results_equal((lims_t, D_t, I_t), whole)  # per-query tables here: float32 rounding
     lims, D, I = index.range_search(q, float(scores.max()) + 1)  # nothing within
     assert (lims == 0).all() and D.shape == I.shape == (0,)
     lims, _, I = index.range_search(q, -np.inf)  # everything
@@ -1070,9 +1079,17 @@ def test_range_search_with_ids_blocks_torch_and_edges(data, monkeypatch):
     empty.centroids = index.centroids
     lims, D, I = empty.range_search(q, r)
     assert (lims == 0).all() and len(D) == 0
-    for bad, error in [(True, TypeError), ("1", TypeError), (float("nan"), ValueError)]:
+    for bad, error in [(True, TypeError), ("1", TypeError), (float("nan"), ValueError), (np.array([1.0]), TypeError)]:
         with pytest.raises(error, match="radius"):
             index.range_search(q, bad)
+    for same in (np.float32(r), np.array(r), torch.tensor(r, dtype=torch.float64)):  # 0-d radii
+        assert_range_results_equal(index.range_search(q, same), whole)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from the float32 comparison
+        assert index.range_search(q, 1e40)[0][-1] == 0
+        assert index.range_search(q, -1e40)[0][-1] == len(q) * len(x)
+    monkeypatch.setattr(jpq.PQIndex, "RANGE_BLOCK_SCORES", 8 * 256 * 3)  # 3 queries' tables per chunk
+    assert_range_results_equal(index.range_search(q, r), whole)
     with pytest.raises(ValueError, match="backend"):
         index.range_search(q, r, backend="gpu")
     with pytest.raises(RuntimeError, match="not trained"):
@@ -1109,3 +1126,6 @@ def test_range_search_on_the_device_matches_the_cpu(data):
     lims, D, I = index.range_search(torch.from_numpy(q[:3]), r, backend="triton")
     assert all(isinstance(a, torch.Tensor) for a in (lims, D, I))
     assert_range_results_equal((lims, D, I), index.range_search(q[:3], r))
+    # NumPy queries with backend "triton": the kernel scores them too (off the interpreter
+    # adc_scores refuses them, as search does), not silently the CPU path
+    assert_range_results_equal(index.range_search(q[:3], r, backend="triton"), index.range_search(q[:3], r))

@@ -619,7 +619,8 @@ def test_add_with_ids_searches_as_positions_mapped_through_the_ids(small_tree):
     index, x, q = small_tree
     ids = np.random.default_rng(5).permutation(len(x)).astype(np.int64) * 1000 + 7
     tree = tree_with_ids(small_tree, ids)
-    assert_equal(tree.leaf_of, index.leaf_of) and assert_equal(tree.ids, ids)
+    assert_equal(tree.leaf_of, index.leaf_of)
+    assert_equal(tree.ids, ids)
     for beam in (1, 3, tree.n_leaves):
         for k in (10, 700):  # 700 > N: -1 padding kept
             D0, I0 = index.search(q, k, beam)
