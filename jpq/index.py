@@ -441,6 +441,40 @@ class PQIndex(VectorIndexInput):
             self.ids = np.concatenate([self.ids, ids])
         self.codes = np.concatenate([self.codes, codes])
 
+    def merge_from(self, other: "PQIndex", add_id: int = 0) -> None:
+        """Move `other`'s vectors to the end of this index, as faiss' `merge_from`: `other` is
+        emptied. Both must share d, M, nbits, metric, unit_norm and the same trained centroids
+        and rotation (a ValueError names what differs; faiss merges codes of other codebooks
+        silently). `add_id` is added to `other`'s ids (an index with ids); without ids it must
+        be 0 and the moved vectors take the next positions."""
+        if not isinstance(other, PQIndex):
+            raise TypeError(f"other must be a PQIndex, got {type(other).__name__}")
+        if other is self:
+            raise ValueError("cannot merge an index into itself")
+        add_id = check_int("add_id", add_id)
+        for name in ("d", "M", "nbits", "metric", "opq", "unit_norm"):
+            if getattr(self, name) != getattr(other, name):
+                raise ValueError(f"cannot merge: {name} differs ({getattr(self, name)!r} here, "
+                                 f"{getattr(other, name)!r} in other)")
+        self._require_trained()
+        other._require_trained()
+        for name in ("centroids", "rotation"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
+                raise ValueError(f"cannot merge: the {name} differ (codes are only comparable under the "
+                                 f"same trained quantizer)")
+        if other.ids is None and add_id:
+            raise ValueError(f"add_id must be 0 for vectors without ids (they take the next positions), got {add_id}")
+        ids = None
+        if other.ids is not None:
+            if add_id and other.ntotal and not (INT64_MIN <= int(other.ids.max()) + add_id <= INT64_MAX
+                                                 and int(other.ids.min()) + add_id >= 0):
+                raise ValueError(f"add_id {add_id} takes other's ids out of [0, 2**63)")
+            ids = other.ids + np.int64(add_id)
+        if other.ntotal:
+            self._append(other.codes, ids, "merge_from")
+        other.reset()
+
     def reset(self):
         self.codes = np.empty((0, self.M), np.uint8)
         self.ids = None
@@ -547,6 +581,23 @@ class PQIndex(VectorIndexInput):
         if i0 < 0 or n < 0 or i0 + n > self.ntotal:
             raise IndexError(f"range [{i0}, {i0 + n}) out of [0, {self.ntotal})")
         return self.decode(self.codes[i0 : i0 + n])
+
+    def search_and_reconstruct(self, q, k: int, backend: str = "auto"):
+        """`search`, plus the reconstructions R (nq, k, d) float32 of the vectors found (as
+        `reconstruct` gives them), NaN rows where I is -1, as faiss' `search_and_reconstruct`.
+        torch queries give torch results (R on the queries' device)."""
+        D, rows = self._search_positions(q, k, backend)
+        rows_np = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+        R = np.full(rows_np.shape + (self.d,), np.nan, np.float32)
+        found = rows_np >= 0
+        R[found] = self.decode(self.codes[rows_np[found]])
+        if isinstance(rows, torch.Tensor):
+            R = torch.from_numpy(R).to(rows.device)
+        return D, self._positions_to_ids(rows), R
+
+    def assign(self, x, k: int = 1, backend: str = "auto"):
+        """The ids (positions) of the k best vectors for each row of x: `search`'s I, as faiss' `assign`."""
+        return self.search(x, k, backend)[1]
 
     def lut(self, q, backend: str = "auto"):
         """Query look-up tables (nq, M, K) for q (nq, d), after the rotation."""

@@ -1129,3 +1129,71 @@ def test_range_search_on_the_device_matches_the_cpu(data):
     # NumPy queries with backend "triton": the kernel scores them too (off the interpreter
     # adc_scores refuses them, as search does), not silently the CPU path
     assert_range_results_equal(index.range_search(q[:3], r, backend="triton"), index.range_search(q[:3], r))
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_search_and_reconstruct_and_assign_match_faiss(data, opq):
+    x, q = data
+    index = trained(x[:300], opq=opq)
+    f = index.to_faiss()
+    D, I, R = index.search_and_reconstruct(q, 305)  # k > ntotal: NaN rows where I is -1
+    Df, If, Rf = f.search_and_reconstruct(q, 305)
+    np.testing.assert_array_equal(I, If)
+    np.testing.assert_allclose(D, Df, rtol=1e-4, atol=1e-4)
+    assert R.shape == (len(q), 305, 32) and R.dtype == np.float32
+    assert np.isnan(R[:, 300:]).all() and np.isnan(Rf[:, 300:]).all()
+    np.testing.assert_allclose(R[:, :300], Rf[:, :300], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(R[0, 0], index.reconstruct(int(I[0, 0])), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(index.assign(q, 3), I[:, :3])
+    np.testing.assert_array_equal(index.assign(q)[:, 0], f.assign(q, 1)[:, 0])
+    ids = np.arange(300, dtype=np.int64)[::-1] * 11 + 5
+    with_map = with_ids(x[:300], ids, opq=opq)
+    Dt, It, Rt = with_map.search_and_reconstruct(torch.from_numpy(q), 7)
+    assert isinstance(Rt, torch.Tensor) and isinstance(It, torch.Tensor)
+    np.testing.assert_allclose(Rt.numpy(), with_map.reconstruct_batch(It.numpy().ravel()).reshape(len(q), 7, 32),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(It.numpy(), with_map.search(q, 7)[1])
+
+
+def test_merge_from_moves_the_codes_as_faiss_and_refuses_other_quantizers(data):
+    x, q = data
+    a = trained(x[:1000])
+    b = jpq.PQIndex(32, 8)
+    b.centroids = a.centroids.copy()  # the same quantizer, trained once (equal arrays suffice)
+    b.add(x[1000:1500])
+    fa, fb = a.to_faiss(), b.to_faiss()
+    a.merge_from(b)
+    fa.merge_from(fb)
+    assert a.ntotal == fa.ntotal == 1500 and b.ntotal == fb.ntotal == 0
+    for mine, theirs in zip(a.search(q, 20), fa.search(q, 20)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+    whole = trained(x[:1000])
+    whole.add(x[1000:1500])
+    np.testing.assert_array_equal(a.codes, whole.codes)
+    # ids: the other's ids, shifted by add_id
+    c = with_ids(x[:300], np.arange(300))
+    d = jpq.PQIndex(32, 8)
+    d.centroids = c.centroids
+    d.add_with_ids(x[300:400], np.arange(100))
+    c.merge_from(d, add_id=1000)
+    np.testing.assert_array_equal(c.ids[300:], np.arange(100) + 1000)
+    assert d.ntotal == 0 and d.ids is None
+    e = jpq.PQIndex(32, 8)
+    e.centroids = c.centroids
+    e.add(x[:5])
+    for other, kwargs, error, message in [
+            (e, {}, ValueError, "mix positions and ids"),
+            (e, {"add_id": 3}, ValueError, "add_id must be 0"),
+            (trained(x[:400], opq=True), {}, ValueError, "opq differs"),
+            (jpq.PQIndex(32, 4), {}, ValueError, "M differs|not trained"),
+            (trained(x[500:900]), {}, ValueError, "centroids differ"),
+            (c, {}, ValueError, "into itself"),
+            (c.to_faiss(), {}, TypeError, "must be a PQIndex")]:
+        with pytest.raises(error, match=message):
+            c.merge_from(other, **kwargs)
+    assert c.ntotal == 400 and e.ntotal == 5  # nothing moved by a refused merge
+    f = jpq.PQIndex(32, 8)
+    f.centroids = c.centroids
+    f.add_with_ids(x[:10], np.arange(10) + 2**62)
+    with pytest.raises(ValueError, match="out of"):
+        c.merge_from(f, add_id=2**62)
