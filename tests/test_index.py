@@ -982,11 +982,18 @@ def test_reconstruct_batch_and_reconstruct_n_match_faiss(data, opq):
 def faiss_selectors(ids):
     """(name, faiss IDSelector) pairs over `ids`, each kept alive with the arrays it points to."""
     batch = ids[::4].copy()
+    bits = np.zeros(int(np.median(ids)) + 1, np.uint8)  # a bitmap over the lower half of the ids
+    bits[ids[ids <= np.median(ids)][::3]] = 1
+    bitmap = np.packbits(bits, bitorder="little")
+    empty = np.zeros(0, np.int64)
     return [("range", faiss.IDSelectorRange(int(ids.min()) + 20, int(ids.min()) + 90)),
             ("batch", faiss.IDSelectorBatch(batch)),
             ("array", faiss.IDSelectorArray(batch)),
+            ("bitmap", faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))),
             ("not range", faiss.IDSelectorNot(faiss.IDSelectorRange(0, int(np.median(ids))))),
-            ("empty range", faiss.IDSelectorRange(-5, -5))], batch
+            ("or", faiss.IDSelectorOr(faiss.IDSelectorArray(batch[:5]), faiss.IDSelectorRange(0, 40))),
+            ("empty array", faiss.IDSelectorArray(empty)),
+            ("empty range", faiss.IDSelectorRange(-5, -5))], (batch, bitmap, empty)
 
 
 @pytest.mark.parametrize("with_ids_map", [True, False])
