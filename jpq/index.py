@@ -667,13 +667,7 @@ class PQIndex(VectorIndexInput):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._require_trained()
         if searches_on_device(kind, backend):
-            check_float_matrix("q", q)
-            if q.shape[1] != self.d:
-                raise ValueError(f"q must have shape (n, {self.d}), got {tuple(q.shape)}")
-            codes, centroids, rotation = self._device_arrays(q.device)
-            q = q.detach().to(torch.float32)
-            if rotation is not None:
-                q = q @ rotation.T
+            q, codes, centroids = self._rotated_device_queries(q)
             scale = self._device_unit_scale(codes, centroids, "triton") if self.unit_norm else None
             score_backend, xp = "triton", torch
 
@@ -783,17 +777,21 @@ class PQIndex(VectorIndexInput):
             self._device_cache = (device, key, arrays)
         return self._device_cache[2]
 
-    def _search_on_device(self, q: torch.Tensor, k: int, backend: str):
-        """`search` for torch queries, entirely on q's device (see `search`)."""
-        self._require_trained()
+    def _rotated_device_queries(self, q: torch.Tensor):
+        """(q checked, float32 and rotated, codes, centroids): the device copies a device search
+        of torch queries q reads, all on q's device."""
         check_float_matrix("q", q)
         if q.shape[1] != self.d:
             raise ValueError(f"q must have shape (n, {self.d}), got {tuple(q.shape)}")
         codes, centroids, rotation = self._device_arrays(q.device)
-        qd = q.detach().to(torch.float32)
-        if rotation is not None:
-            qd = qd @ rotation.T
-        # q was checked above, the centroids when copied to the device (`_device_arrays`)
+        q = q.detach().to(torch.float32)
+        return (q if rotation is None else q @ rotation.T), codes, centroids
+
+    def _search_on_device(self, q: torch.Tensor, k: int, backend: str):
+        """`search` for torch queries, entirely on q's device (see `search`)."""
+        self._require_trained()
+        qd, codes, centroids = self._rotated_device_queries(q)
+        # q was checked there, the centroids when copied to the device (`_device_arrays`)
         lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto", check=False)  # torch.bmm
         scale = self._device_unit_scale(codes, centroids, backend) if self.unit_norm else None
         return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
