@@ -619,12 +619,18 @@ class PQIndex(VectorIndexInput):
         self._require_trained()
         return build_lut(self.rotate(self._vectors("q", q)), self.centroids, self.metric, backend=backend)
 
-    def search(self, q, k: int, backend: str = "auto"):
+    def search(self, q, k: int, backend: str = "auto", params=None):
         """k nearest codes by ADC. q: (nq, d) float32 NumPy or torch.
 
         Returns D (nq, k) float32 (inner products, or squared L2 distances) and I (nq, k) int64,
         best first, -1 ids (and -FLT_MAX / +FLT_MAX scores) past ntotal; torch in, torch out.
         I holds positions 0 .. ntotal - 1, or the ids of vectors added with `add_with_ids`.
+
+        params: a faiss `SearchParameters` (or anything with a `sel` attribute) whose `sel`, a
+        faiss IDSelector, restricts the search to the ids it selects, as faiss' flat and IVF
+        indexes take it (faiss' IndexPQ refuses one). The selected codes are gathered, then
+        scanned: a selector costs one pass over the ids per call (`remove_ids` says how fast),
+        and fewer than k selected vectors pad with -1.
 
         Where it runs: torch queries on a CUDA device (backend "auto" with Triton installed, or
         "triton") are searched on that device: the rotation, the LUT GEMM and the Triton ADC
@@ -634,8 +640,21 @@ class PQIndex(VectorIndexInput):
         `drop_device_copies()`). Everything else runs on the CPU (backend "auto" / "cpu": the fast
         path; "reference": NumPy).
         """
-        D, I = self._search_positions(q, k, backend)
+        rows = self._selected_rows(params)
+        D, I = self._search_positions(q, k, backend, rows=rows)
         return D, self._positions_to_ids(I)
+
+    def _selected_rows(self, params) -> np.ndarray | None:
+        """The sorted int64 positions `params.sel` selects; None for no selector (every row)."""
+        if params is None:
+            return None
+        if not hasattr(params, "sel"):
+            raise TypeError(f"params must be a faiss SearchParameters (with a sel attribute), got "
+                            f"{type(params).__name__}")
+        if params.sel is None:
+            return None
+        keys = self.ids if self.ids is not None else np.arange(self.ntotal, dtype=np.int64)
+        return np.flatnonzero(self._selected(params.sel, keys)).astype(np.int64)
 
     def _positions_to_ids(self, I):
         """Search results' positions I (NumPy or torch, -1 padding kept) -> the ids they were added under."""
@@ -713,17 +732,23 @@ class PQIndex(VectorIndexInput):
         lims = np.concatenate([[0], np.cumsum(np.bincount(qi, minlength=nq))]).astype(np.int64)
         return tuple(kind.wrap(a) for a in (lims, D, self._positions_to_ids(I)))
 
-    def _search_positions(self, q, k: int, backend: str = "auto"):
+    def _search_positions(self, q, k: int, backend: str = "auto", rows: np.ndarray | None = None):
         """`search` with I as positions 0 .. ntotal - 1 also in an index with ids (what the
-        trainers, which address documents by row, search with)."""
+        trainers, which address documents by row, search with); `rows` (sorted positions)
+        restricts it to those rows."""
         kind = array_kind(q=q)
         k = check_k(k)
         if searches_on_device(kind, backend):
-            return self._search_on_device(q, k, backend="triton")
+            return self._search_on_device(q, k, backend="triton", rows=rows)
         # the LUT is a small GEMM on the CPU; `backend` picks the scan path over the codes
         lut = self.lut(q, backend="reference" if backend == "reference" else "cpu")
         scale = self._unit_scale() if self.unit_norm else None
-        D, I = adc_topk(lut, self.codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
+        codes = self.codes
+        if rows is not None:
+            codes, scale = codes[rows], (None if scale is None else scale[rows])
+        D, I = adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
+        if rows is not None and len(rows):  # none selected: I is all -1 padding
+            I = np.where(I >= 0, rows[np.maximum(I, 0)], I)
         return kind.wrap(D), kind.wrap(I)
 
     def _device_ids(self, device: torch.device) -> torch.Tensor:
@@ -787,14 +812,20 @@ class PQIndex(VectorIndexInput):
         q = q.detach().to(torch.float32)
         return (q if rotation is None else q @ rotation.T), codes, centroids
 
-    def _search_on_device(self, q: torch.Tensor, k: int, backend: str):
-        """`search` for torch queries, entirely on q's device (see `search`)."""
+    def _search_on_device(self, q: torch.Tensor, k: int, backend: str, rows: np.ndarray | None = None):
+        """`search` for torch queries, entirely on q's device (see `search`); `rows` (sorted
+        positions) restricts it to those rows, gathered on the device."""
         self._require_trained()
         qd, codes, centroids = self._rotated_device_queries(q)
         # q was checked there, the centroids when copied to the device (`_device_arrays`)
         lut = build_lut(qd.contiguous(), centroids, self.metric, backend="auto", check=False)  # torch.bmm
         scale = self._device_unit_scale(codes, centroids, backend) if self.unit_norm else None
-        return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
+        if rows is None:
+            return adc_topk(lut, codes, k, metric=self.metric, backend=backend, check=False, doc_scale=scale)
+        rows_t = torch.from_numpy(rows).to(q.device)
+        D, I = adc_topk(lut, codes.index_select(0, rows_t).contiguous(), k, metric=self.metric, backend=backend,
+                        check=False, doc_scale=None if scale is None else scale.index_select(0, rows_t))
+        return D, torch.where(I >= 0, rows_t[I.clamp(min=0)], I) if len(rows) else I
 
     # ------------------------------------------------------------------ persistence
     _ARRAY_NAMES = ("codes", "centroids", "rotation", "ids")  # what `_arrays` may hold, and `load` sets

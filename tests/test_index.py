@@ -1204,3 +1204,62 @@ def test_merge_from_moves_the_codes_as_faiss_and_refuses_other_quantizers(data):
     f.add_with_ids(x[:10], np.arange(10) + 2**62)
     with pytest.raises(ValueError, match="out of"):
         c.merge_from(f, add_id=2**62)
+
+
+@pytest.mark.parametrize("ids_map", [True, False])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_search_with_a_selector_is_the_search_of_the_selected_vectors(data, ids_map, metric):
+    """params.sel restricts search to the selected ids: the same results as an index holding only
+    those vectors (same codes), and as faiss' IndexIDMap2 over a flat index of the reconstructions."""
+    x, q = data
+    ids = (np.random.default_rng(9).permutation(len(x)).astype(np.int64) * 5 + 2) if ids_map else None
+    index = with_ids(x, ids, metric=metric) if ids_map else trained(x, metric=metric)
+    keys = ids if ids_map else np.arange(len(x), dtype=np.int64)
+    batch = keys[np.random.default_rng(10).choice(len(x), 700, replace=False)]
+    for name, sel, chosen in [("batch", faiss.IDSelectorBatch(batch), np.isin(keys, batch)),
+                              ("range", faiss.IDSelectorRange(100, 1500), (keys >= 100) & (keys < 1500)),
+                              ("few", faiss.IDSelectorArray(batch[:6]), np.isin(keys, batch[:6]))]:
+        params = faiss.SearchParameters(sel=sel)
+        D, I = index.search(q, 10, params=params)
+        subset = jpq.PQIndex(32, 8, metric=metric)
+        subset.centroids = index.centroids
+        subset.add_codes(index.codes[chosen], ids=keys[chosen])
+        D0, I0 = subset.search(q, 10)
+        np.testing.assert_array_equal(I, I0, err_msg=name)
+        np.testing.assert_array_equal(D, D0)
+        assert np.isin(I[I >= 0], keys[chosen]).all()
+        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(32) if metric == "ip" else faiss.IndexFlatL2(32))
+        flat.add_with_ids(index.decode(index.codes), keys)
+        Df, If = flat.search(q, 10, params=faiss.SearchParameters(sel=sel))
+        np.testing.assert_allclose(D, Df, rtol=1e-4, atol=1e-3)
+        assert (I == If).mean() > 0.97, name  # near-ties may order differently
+    if not ids_map:
+        assert (index.search(q, 8, params=faiss.SearchParameters(sel=faiss.IDSelectorArray(np.array([3, 1]))))[1][:, 2:]
+                == -1).all()  # fewer selected than k: -1 padding
+    D, I = index.search(q, 4, params=faiss.SearchParameters(sel=faiss.IDSelectorRange(-9, -8)))  # none selected
+    assert (I == -1).all()
+    for same in (None, faiss.SearchParameters()):  # no selector: the plain search
+        np.testing.assert_array_equal(index.search(q, 5, params=same)[1], index.search(q, 5)[1])
+    with pytest.raises(TypeError, match="SearchParameters"):
+        index.search(q, 5, params=3)
+    Dt, It = index.search(torch.from_numpy(q), 10, params=faiss.SearchParameters(sel=faiss.IDSelectorBatch(batch)))
+    assert isinstance(It, torch.Tensor)
+    np.testing.assert_array_equal(It.numpy(), index.search(q, 10, params=faiss.SearchParameters(
+        sel=faiss.IDSelectorBatch(batch)))[1])
+
+
+@pytest.mark.interpreter
+def test_search_with_a_selector_on_the_device_matches_the_cpu(data):
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    x, q = data
+    index = with_ids(x[:400], np.arange(400)[::-1] * 3 + 1)
+    for sel in (faiss.IDSelectorRange(100, 700), faiss.IDSelectorRange(-2, -1)):
+        params = faiss.SearchParameters(sel=sel)
+        Dt, It = index.search(torch.from_numpy(q[:3]), 12, backend="triton", params=params)
+        D, I = index.search(q[:3], 12, params=params)
+        np.testing.assert_array_equal(It.numpy(), I)
+        np.testing.assert_allclose(Dt.numpy(), D, rtol=1e-5, atol=1e-4)
