@@ -452,6 +452,8 @@ class PQIndex(VectorIndexInput):
         if other is self:
             raise ValueError("cannot merge an index into itself")
         add_id = check_int("add_id", add_id)
+        if not INT64_MIN <= add_id <= INT64_MAX:
+            raise ValueError(f"add_id must fit in int64, got {add_id}")
         for name in ("d", "M", "nbits", "metric", "opq", "unit_norm"):
             if getattr(self, name) != getattr(other, name):
                 raise ValueError(f"cannot merge: {name} differs ({getattr(self, name)!r} here, "
@@ -476,8 +478,12 @@ class PQIndex(VectorIndexInput):
         other.reset()
 
     def reset(self):
+        """Remove every vector (the trained quantizer stays), with the caches kept for them."""
         self.codes = np.empty((0, self.M), np.uint8)
         self.ids = None
+        self.drop_device_copies()
+        self._unit_scale_cache = None
+        self._id_rows = None
 
     def remove_ids(self, ids) -> int:
         """Remove the vectors whose id is in `ids` (an index without ids: whose position is; the
@@ -597,11 +603,15 @@ class PQIndex(VectorIndexInput):
             raise IndexError(f"range [{i0}, {i0 + n}) out of [0, {self.ntotal})")
         return self.decode(self.codes[i0 : i0 + n])
 
-    def search_and_reconstruct(self, q, k: int, backend: str = "auto"):
-        """`search`, plus the reconstructions R (nq, k, d) float32 of the vectors found (as
-        `reconstruct` gives them), NaN rows where I is -1, as faiss' `search_and_reconstruct`.
-        torch queries give torch results (R on the queries' device)."""
-        D, rows = self._search_positions(q, k, backend)
+    def search_and_reconstruct(self, q, k: int, backend: str = "auto", params=None):
+        """`search` (with `params` as there), plus the reconstructions R (nq, k, d) float32 of the
+        vectors found, NaN rows where I is -1, as faiss' `search_and_reconstruct`. R is the
+        vector each result was scored as (for a repeated id faiss reconstructs the id's last
+        copy instead). torch queries give torch results (R on the queries' device)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_k(k)
+        D, rows = self._search_positions(q, k, backend, rows=self._selected_rows(params))
         rows_np = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
         R = np.full(rows_np.shape + (self.d,), np.nan, np.float32)
         found = rows_np >= 0
@@ -610,9 +620,9 @@ class PQIndex(VectorIndexInput):
             R = torch.from_numpy(R).to(rows.device)
         return D, self._positions_to_ids(rows), R
 
-    def assign(self, x, k: int = 1, backend: str = "auto"):
+    def assign(self, x, k: int = 1, backend: str = "auto", params=None):
         """The ids (positions) of the k best vectors for each row of x: `search`'s I, as faiss' `assign`."""
-        return self.search(x, k, backend)[1]
+        return self.search(x, k, backend, params)[1]
 
     def lut(self, q, backend: str = "auto"):
         """Query look-up tables (nq, M, K) for q (nq, d), after the rotation."""
@@ -640,8 +650,10 @@ class PQIndex(VectorIndexInput):
         `drop_device_copies()`). Everything else runs on the CPU (backend "auto" / "cpu": the fast
         path; "reference": NumPy).
         """
-        rows = self._selected_rows(params)
-        D, I = self._search_positions(q, k, backend, rows=rows)
+        if backend not in BACKENDS:  # before the selector's pass over the ids
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_k(k)
+        D, I = self._search_positions(q, k, backend, rows=self._selected_rows(params))
         return D, self._positions_to_ids(I)
 
     def _selected_rows(self, params) -> np.ndarray | None:
@@ -651,10 +663,17 @@ class PQIndex(VectorIndexInput):
         if not hasattr(params, "sel"):
             raise TypeError(f"params must be a faiss SearchParameters (with a sel attribute), got "
                             f"{type(params).__name__}")
-        if params.sel is None:
+        sel = params.sel
+        if sel is None:
             return None
+        faiss = sys.modules.get("faiss")
+        if faiss is not None and type(sel) is faiss.IDSelector:
+            # faiss hands `params.sel` back as a base-class IDSelector; the typed object it was set
+            # from (an IDSelectorRange, ...: read as an array, `_selected`) is kept on params
+            refs = list(getattr(params, "_sp_field_refs", {}).values()) + list(getattr(params, "referenced_objects", []))
+            sel = next((r for r in refs if isinstance(r, faiss.IDSelector) and int(r.this) == int(sel.this)), sel)
         keys = self.ids if self.ids is not None else np.arange(self.ntotal, dtype=np.int64)
-        return np.flatnonzero(self._selected(params.sel, keys)).astype(np.int64)
+        return np.flatnonzero(self._selected(sel, keys)).astype(np.int64)
 
     def _positions_to_ids(self, I):
         """Search results' positions I (NumPy or torch, -1 padding kept) -> the ids they were added under."""

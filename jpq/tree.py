@@ -536,6 +536,7 @@ class TreeIndex(VectorIndexInput):
         self.pq.reset()
         self.leaf_of = np.empty(0, np.int64)
         self._lists = None
+        self.drop_device_copies()
 
     def leaf_sizes(self) -> np.ndarray:
         """Documents per leaf, shape=(n_leaves,) int64."""

@@ -1263,3 +1263,40 @@ def test_search_with_a_selector_on_the_device_matches_the_cpu(data):
         D, I = index.search(q[:3], 12, params=params)
         np.testing.assert_array_equal(It.numpy(), I)
         np.testing.assert_allclose(Dt.numpy(), D, rtol=1e-5, atol=1e-4)
+
+
+def test_a_selector_in_search_params_is_read_as_the_typed_selector(data, monkeypatch):
+    """faiss returns params.sel as a base IDSelector: Range / Array / Bitmap must still take their
+    array paths, not faiss's per-id loop (an IDSelectorArray is a linear scan per id there)."""
+    x, q = data
+    index = trained(x)
+    expected = {}
+    for name, sel in [("range", faiss.IDSelectorRange(10, 900)), ("array", faiss.IDSelectorArray(np.arange(0, 3000, 7)))]:
+        expected[name] = index.search(q, 10, params=faiss.SearchParameters(sel=sel))
+    monkeypatch.setattr(faiss, "IndexIDMap", None)  # the generic path would call it
+    for name, sel in [("range", faiss.IDSelectorRange(10, 900)), ("array", faiss.IDSelectorArray(np.arange(0, 3000, 7)))]:
+        params = faiss.SearchParameters(sel=sel)
+        for got, want in zip(index.search(q, 10, params=params), expected[name]):
+            np.testing.assert_array_equal(got, want)
+        Ds, Is, R = index.search_and_reconstruct(q, 10, params=params)
+        np.testing.assert_array_equal(Is, expected[name][1])
+        np.testing.assert_array_equal(index.assign(q, 10, params=params), expected[name][1])
+
+
+def test_reset_and_merge_free_the_emptied_index_caches(data):
+    x, q = data
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    a = jpq.PQIndex(32, 8, unit_norm=True)
+    a.train(xn, niter=5)
+    b = jpq.PQIndex(32, 8, unit_norm=True)
+    b.centroids = a.centroids
+    b.add_with_ids(xn[:500], np.arange(500))
+    b.search(q, 3)
+    b.reconstruct(7)
+    b._device_arrays(torch.device("cpu"))
+    a.add_with_ids(xn[500:600], np.arange(100) + 1000)
+    a.merge_from(b)
+    assert b.ntotal == 0 and b._unit_scale_cache is None and b._id_rows is None
+    assert getattr(b, "_device_cache", None) is None
+    with pytest.raises(ValueError, match="add_id must fit in int64"):
+        a.merge_from(b, add_id=2**70)
