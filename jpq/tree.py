@@ -643,8 +643,12 @@ class TreeIndex(VectorIndexInput):
         sizes = np.where(np.isfinite(score), self.leaf_sizes()[leaves], 0)
         return float(sizes.sum(1).mean() / self.ntotal)
 
-    def search(self, q, k: int, beam: int, backend: str = "auto"):
+    def search(self, q, k: int, beam: int, backend: str = "auto", params=None):
         """k best documents among those in the `beam` leaves each query reaches, by ADC.
+
+        params: a faiss `SearchParameters` whose `sel` (an IDSelector) restricts the search to
+        the documents it selects, as faiss' IVF indexes take it: the routing is unchanged, the
+        reached leaves' unselected documents are skipped (see `PQIndex.search`).
 
         q: shape=(nq, d) float32, NumPy or torch (the frozen encoder's query vectors; the stored
         query tower is applied here). Returns D (nq, k) float32 and I (nq, k) int64 (positions
@@ -666,12 +670,16 @@ class TreeIndex(VectorIndexInput):
         a leaf-major loop of `adc_scores` calls, 50 ms with a scan over a precomputed (nq, M, K)
         table, 16 ms fused (faiss IndexIVFPQ 10 ms; bench/results/tree_speed.md).
         """
-        D, I = self._search_positions(q, k, beam, backend)
+        if backend not in BACKENDS:  # before the selector's pass over the ids
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_k(k)
+        D, I = self._search_positions(q, k, beam, backend, rows=self.pq._selected_rows(params))
         return D, self.pq._positions_to_ids(I)
 
-    def _search_positions(self, q, k: int, beam: int, backend: str = "auto"):
+    def _search_positions(self, q, k: int, beam: int, backend: str = "auto", rows: np.ndarray | None = None):
         """`search` with I as positions also in an index with ids (what the trainer, which
-        addresses documents by row, searches with)."""
+        addresses documents by row, searches with); `rows` (sorted positions) restricts it to
+        those documents."""
         kind = array_kind(q=q)
         k = check_k(k)
         if backend not in BACKENDS:  # before the routing: ivf_search would say it only after it
@@ -681,13 +689,26 @@ class TreeIndex(VectorIndexInput):
         qt = self.transform_queries(self._vectors("q", q))
         leaves, score = self.probe(qt, beam, transformed=True)
         probes = np.where(np.isfinite(score), leaves, -1)
-        if on_device:
-            codes, offsets, ids, centroids = self._device_lists(kind.device)
-            qr = torch.from_numpy(np.ascontiguousarray(self.pq.rotate(qt))).to(kind.device)
-            return ivf_search(qr, centroids, codes, offsets, ids, torch.from_numpy(probes).to(kind.device), k,
-                              metric=self.metric, backend="triton", check=False)
         offsets, ids, _ = self._inverted_lists()
-        D, I = ivf_search(self.pq.rotate(qt), self.pq.centroids, self._list_codes(), offsets, ids, probes, k,
+        list_codes = self._list_codes()
+        if rows is not None:  # the lists of the selected documents only (same leaves, same order)
+            keep = np.zeros(self.ntotal, dtype=bool)
+            keep[rows] = True
+            in_list = keep[ids]
+            ids, list_codes = ids[in_list], list_codes[in_list]
+            kept_per_leaf = np.bincount(self.leaf_of[rows], minlength=self.n_leaves)
+            offsets = np.concatenate([[0], np.cumsum(kept_per_leaf)]).astype(np.int64)
+        if on_device:
+            if rows is None:
+                codes_t, offsets_t, ids_t, centroids_t = self._device_lists(kind.device)
+            else:
+                codes_t, offsets_t, ids_t = (torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
+                                             for a in (list_codes, offsets, ids))
+                centroids_t = self._device_lists(kind.device)[3]
+            qr = torch.from_numpy(np.ascontiguousarray(self.pq.rotate(qt))).to(kind.device)
+            return ivf_search(qr, centroids_t, codes_t, offsets_t, ids_t, torch.from_numpy(probes).to(kind.device), k,
+                              metric=self.metric, backend="triton", check=False)
+        D, I = ivf_search(self.pq.rotate(qt), self.pq.centroids, list_codes, offsets, ids, probes, k,
                           metric=self.metric, backend=backend,
                           check=False)  # validated queries, the index's own centroids and codes
         return kind.wrap(D), kind.wrap(I)

@@ -708,3 +708,56 @@ def test_device_scan_maps_the_ids_too(small_tree):
     D, I = tree.search(torch.from_numpy(q), 12, beam=3, backend="triton")
     assert_equal(I.numpy(), I_cpu)
     assert_close(D.numpy(), D_cpu, reduction_length=tree.M)
+
+
+@pytest.mark.parametrize("ids_map", [True, False])
+def test_search_with_a_selector_is_the_search_of_the_selected_documents(small_tree, ids_map):
+    """params.sel, as faiss' IVF indexes take it: the same routing (the leaves the full tree
+    reaches), the unselected documents of those leaves skipped: the ADC top-k of the selected
+    documents in the reached leaves; with every leaf reached, a tree of the selected documents."""
+    import faiss
+    from jpq.kernels.adc import topk_from_scores
+
+    index, x, q = small_tree
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 5 if ids_map else np.arange(len(x), dtype=np.int64)
+    tree = tree_with_ids(small_tree, ids) if ids_map else index
+    scores = adc_scores_reference(build_lut_reference(q, tree.pq.centroids, "ip"), tree.pq.codes)
+    chosen_rows = np.sort(np.random.default_rng(11).choice(len(x), 200, replace=False))
+    for sel, rows in [(faiss.IDSelectorBatch(ids[chosen_rows]), chosen_rows),
+                      (faiss.IDSelectorRange(int(ids[100]), int(ids[140])), np.arange(100, 140)),
+                      (faiss.IDSelectorRange(-3, -2), np.zeros(0, np.int64))]:
+        params = faiss.SearchParameters(sel=sel)
+        for beam in (1, 4):
+            leaves, leaf_scores = tree.probe(q, beam)
+            D, I = tree.search(q, 15, beam, params=params)
+            for i in range(len(q)):
+                reached = leaves[i][np.isfinite(leaf_scores[i])]
+                candidates = rows[np.isin(tree.leaf_of[rows], reached)]
+                masked = np.full((1, len(x)), -np.inf, np.float32)
+                masked[0, candidates] = scores[i, candidates]
+                D_ref, I_ref = topk_from_scores(masked[:, candidates], 15, "ip") if len(candidates) else \
+                    (np.full((1, 15), -np.finfo(np.float32).max, np.float32), np.full((1, 15), -1))
+                I_ref = np.where(I_ref >= 0, ids[candidates][np.maximum(I_ref, 0)], -1) if len(candidates) else I_ref
+                assert_equal(I[i], I_ref[0])
+                assert_close(D[i], D_ref[0], reduction_length=tree.M)
+        subset = tree_with_ids(small_tree, ids[rows], rows)
+        for got, want in zip(tree.search(q, 15, tree.n_leaves, params=params), subset.search(q, 15, tree.n_leaves)):
+            assert_equal(got, want)
+    for got, want in zip(tree.search(q, 5, 3, params=faiss.SearchParameters()), tree.search(q, 5, 3)):
+        assert_equal(got, want)
+
+
+@pytest.mark.interpreter
+def test_filtered_device_scan_matches_the_cpu_scan(small_tree):
+    import faiss
+    from jpq.kernels.arrays import is_interpreter
+    from jpq.kernels.dispatch import triton_importable
+
+    if not (triton_importable() and is_interpreter()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    index, x, q = small_tree
+    params = faiss.SearchParameters(sel=faiss.IDSelectorRange(50, 400))
+    D_cpu, I_cpu = index.search(q, 12, beam=3, backend="cpu", params=params)
+    D, I = index.search(torch.from_numpy(q), 12, beam=3, backend="triton", params=params)
+    assert_equal(I.numpy(), I_cpu)
+    assert_close(D.numpy(), D_cpu, reduction_length=index.M)
