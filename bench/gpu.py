@@ -565,6 +565,34 @@ def section_index_search(ctx, k: int = 10):
 
         ctx.case("PQIndex.search", f"nq={nq} N={N} d={d} M={M} k={k}{' unit_norm' if unit_norm else ''}", run)
 
+    # filtered: a faiss IDSelector keeping a tenth of the ids, the selected codes gathered on the device
+    import faiss
+
+    nq, N, d, M = sizes[-1]
+
+    def filtered(row):
+        rng = np.random.default_rng(5)
+        index = PQIndex(d, M, nbits=8, metric="ip")
+        index.centroids = rng.standard_normal((M, 256, d // M)).astype(np.float32)
+        # ids: every third integer, so positions and ids differ
+        index.add_codes(rng.integers(0, 256, (N, M), dtype=np.uint8), ids=np.arange(N, dtype=np.int64) * 3)
+        batch = np.sort(rng.choice(N, max(1, N // 10), replace=False)).astype(np.int64) * 3
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(batch))
+        q = torch.from_numpy(rng.standard_normal((nq, d)).astype(np.float32)).to(ctx.device)
+        backend = "auto" if ctx.device.type == "cuda" else "triton"
+        D, I = index.search(q, k, backend=backend, params=params)
+        ran_there = index._device_cache is not None and index._device_cache[0] == q.device
+        D_cpu, I_cpu = index.search(q.cpu().numpy(), k, backend="cpu", params=params)
+        check_against_cpu(row, D, I, D_cpu, I_cpu, M, ran_there)
+        if not np.isin(I_cpu[I_cpu >= 0], batch).all():
+            row.check, row.failed = "FAIL an unselected id returned", True
+        ctx.measure(row, lambda: index.search(q, k, backend=backend, params=params),
+                    lambda: index.search(q, k, backend=backend))  # baseline: the unfiltered search
+        row.nbytes = N // 10 * M + nq * k * 12
+
+    ctx.case("PQIndex.search filtered (torch ms: unfiltered)", f"nq={nq} N={N} d={d} M={M} k={k} 10% selected",
+             filtered)
+
 
 def section_ivf_search(ctx, k: int = 10):
     """jpq.kernels.ivf.ivf_search (inverted lists, the TreeIndex scan) on the device, checked

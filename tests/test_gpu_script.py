@@ -20,7 +20,7 @@ def test_gpu_script_dry_run_passes_every_check():
     assert proc.returncode == 0, out[-3000:]
     for section in ("adc_scores", "adc_topk", "assign", "ste fwd+bwd", "ste pairs fwd+bwd", "PQIndex.search",
                     "JPQTrainer step", "adc_topk 3 spans (torch ms: 1 span)", "adc_topk + adc_scores, N*M > 2**31",
-                    "assign, n*D > 2**31"):
+                    "assign, n*D > 2**31", "PQIndex.search filtered (torch ms: unfiltered)"):
         assert f"| {section} |" in out, section
     assert "FAIL" not in out and "ERROR" not in out, out[-3000:]
     assert "ADC launch-configuration sweep" in out
