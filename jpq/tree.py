@@ -523,6 +523,32 @@ class TreeIndex(VectorIndexInput):
         """PQ reconstructions of ids i0 .. i0 + n - 1 (see `PQIndex.reconstruct_n`)."""
         return self.pq.reconstruct_n(i0, n)
 
+    def merge_from(self, other: "TreeIndex", add_id: int = 0) -> None:
+        """Move `other`'s documents, with their leaves, to the end of this index, as faiss'
+        IVF `merge_from` (`other` is emptied; `add_id` as `PQIndex.merge_from`). Both must share
+        the tree (branching, routing parameters, query matrix) and the PQ quantizer: ValueError
+        naming what differs."""
+        if not isinstance(other, TreeIndex):
+            raise TypeError(f"other must be a TreeIndex, got {type(other).__name__}")
+        if other is self:
+            raise ValueError("cannot merge an index into itself")
+        if self.branching != other.branching:
+            raise ValueError(f"cannot merge: branching differs ({self.branching} here, {other.branching} in other)")
+        self._require_trained()
+        other._require_trained()
+        mine = self.embeddings + self.biases + [self.log_scales]
+        theirs = other.embeddings + other.biases + [other.log_scales]
+        if any(not np.array_equal(a, b) for a, b in zip(mine, theirs)):
+            raise ValueError("cannot merge: the routing parameters differ (leaves are only comparable in the same tree)")
+        if (self.query_matrix is None) != (other.query_matrix is None) or (
+                self.query_matrix is not None and not np.array_equal(self.query_matrix, other.query_matrix)):
+            raise ValueError("cannot merge: the query matrices differ")
+        leaves = other.leaf_of
+        self.pq.merge_from(other.pq, add_id)  # checks the quantizer and the ids; empties other.pq
+        self.leaf_of = np.concatenate([self.leaf_of, leaves])
+        self._lists = None
+        other.reset()
+
     def reassign(self, x):
         """Re-route the stored documents, given their vectors x (ntotal, d), with the current
         routing (codes unchanged)."""

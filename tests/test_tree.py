@@ -761,3 +761,32 @@ def test_filtered_device_scan_matches_the_cpu_scan(small_tree):
     D, I = index.search(torch.from_numpy(q), 12, beam=3, backend="triton", params=params)
     assert_equal(I.numpy(), I_cpu)
     assert_close(D.numpy(), D_cpu, reduction_length=index.M)
+
+
+def test_merge_from_equals_one_tree_of_both_shards(small_tree):
+    import copy
+
+    index, x, q = small_tree
+    a, b = tree_with_ids(small_tree, np.arange(300), np.arange(300)), \
+        tree_with_ids(small_tree, np.arange(len(x) - 300), np.arange(300, len(x)))
+    a.merge_from(b, add_id=300)
+    assert b.ntotal == 0 and len(b.leaf_of) == 0
+    whole = tree_with_ids(small_tree, np.arange(len(x)))
+    assert_equal(a.leaf_of, whole.leaf_of)
+    assert_equal(a.ids, whole.ids)
+    for beam in (1, 4):
+        for got, want in zip(a.search(q, 10, beam), whole.search(q, 10, beam)):
+            assert_equal(got, want)
+    other_tree = copy.deepcopy(index)
+    other_tree.embeddings = [e + 1 for e in other_tree.embeddings]
+    other_tree.reset()
+    other_tree.add_with_ids(x[:5], np.arange(5))
+    other_pq = tree_with_ids(small_tree, np.arange(5), np.arange(5))
+    other_pq.pq.centroids = other_pq.pq.centroids + 1
+    for other, error, message in [(other_tree, ValueError, "routing parameters differ"),
+                                  (other_pq, ValueError, "centroids differ"),
+                                  (a, ValueError, "into itself"),
+                                  (index.pq, TypeError, "must be a TreeIndex")]:
+        with pytest.raises(error, match=message):
+            a.merge_from(other)
+    assert a.ntotal == len(x) and other_tree.ntotal == 5 == len(other_tree.leaf_of)
