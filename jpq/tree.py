@@ -86,7 +86,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .index import PQIndex, VectorIndexInput, matmul_t, searches_on_device, train_pq_centroids
-from .kernels import assign
+from .kernels import adc_scores, assign
 from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_int, check_k, check_metric, to_numpy_f32
 from .kernels.dispatch import BACKENDS
@@ -660,6 +660,52 @@ class TreeIndex(VectorIndexInput):
         leaves, score = beam_search(qt, emb, bia, ls, self.branching, beam, counts, logps=logps)
         share = self.centroid_share if centroid_share is None else _check_share(centroid_share)
         return self._add_centroid_leaves(q, leaves.numpy(), score.numpy(), share, logps)
+
+    def range_search(self, q, radius: float, beam: int, backend: str = "auto", params=None):
+        """Every document within `radius` (inner product > radius for metric "ip", squared L2
+        distance < radius for "l2", by ADC) among those in the `beam` leaves each query reaches,
+        as faiss' IVF `range_search` with nprobe = beam (and `params.sel` filtering as in
+        `search`). Returns lims (nq + 1,) int64, D (lims[-1],) float32, I (lims[-1],) int64;
+        query i's results D[lims[i]:lims[i + 1]] in position order (their ids for an index with
+        ids). The routing and the scan run on the CPU (backend "cpu" or "reference" for the
+        scan; "auto" is "cpu"); torch queries get torch results on their device."""
+        from .index import _check_radius
+
+        kind = array_kind(q=q)
+        radius = _check_radius(radius)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            raise ValueError("TreeIndex.range_search scans on the CPU: backend must be 'auto', 'cpu' or 'reference'")
+        self.pq._require_trained()
+        rows = self.pq._selected_rows(params)
+        keep = None
+        if rows is not None:
+            keep = np.zeros(self.ntotal, dtype=bool)
+            keep[rows] = True
+        qt = self.transform_queries(self._vectors("q", q))
+        leaves, score = self.probe(qt, beam, transformed=True)
+        offsets, ids, _ = self._inverted_lists()
+        lut = self.pq.lut(qt, backend="reference" if backend == "reference" else "cpu")
+        scale = self.pq._unit_scale() if self.pq.unit_norm else None
+        parts_n, parts_d, counts = [], [], np.zeros(len(qt), np.int64)
+        for i in range(len(qt)):
+            reached = leaves[i][np.isfinite(score[i])]
+            cand = np.sort(np.concatenate([ids[offsets[leaf] : offsets[leaf + 1]] for leaf in reached])
+                           if len(reached) else np.zeros(0, np.int64))
+            if keep is not None:
+                cand = cand[keep[cand]]
+            s = adc_scores(lut[i : i + 1], self.pq.codes[cand], backend="reference" if backend == "reference" else "cpu")[0]
+            if scale is not None:
+                s = s * scale[cand]
+            within = s > radius if self.metric == "ip" else s < radius
+            parts_n.append(cand[within])
+            parts_d.append(s[within].astype(np.float32, copy=False))
+            counts[i] = int(within.sum())
+        I = np.concatenate(parts_n).astype(np.int64) if parts_n else np.zeros(0, np.int64)
+        D = np.concatenate(parts_d) if parts_d else np.zeros(0, np.float32)
+        lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return tuple(kind.wrap(a) for a in (lims, D, self.pq._positions_to_ids(I)))
 
     def fraction_scored(self, q, beam: int) -> float:
         """Mean over the queries q (nq, d) of (documents in the reached leaves) / ntotal."""

@@ -790,3 +790,36 @@ def test_merge_from_equals_one_tree_of_both_shards(small_tree):
         with pytest.raises(error, match=message):
             a.merge_from(other)
     assert a.ntotal == len(x) and other_tree.ntotal == 5 == len(other_tree.leaf_of)
+
+
+@pytest.mark.parametrize("ids_map", [True, False])
+def test_range_search_is_the_pq_range_search_within_the_reached_leaves(small_tree, ids_map):
+    import faiss
+
+    index, x, q = small_tree
+    ids = np.arange(len(x), dtype=np.int64)[::-1] * 2 + 1 if ids_map else np.arange(len(x), dtype=np.int64)
+    tree = tree_with_ids(small_tree, ids) if ids_map else index
+    scores = adc_scores_reference(build_lut_reference(q, tree.pq.centroids, "ip"), tree.pq.codes)
+    flat = np.unique(scores)
+    gap = int(np.argmax(np.diff(flat)[len(flat) * 9 // 10 :] > 1e-3)) + len(flat) * 9 // 10
+    r = float(flat[gap] + flat[gap + 1]) / 2  # about the best tenth, away from any score
+    for sel, rows in [(None, np.arange(len(x))), (faiss.IDSelectorRange(int(ids.min()), int(np.median(ids))),
+                                                  np.flatnonzero(ids < np.median(ids)))]:
+        params = None if sel is None else faiss.SearchParameters(sel=sel)
+        for beam in (1, 3, tree.n_leaves):
+            lims, D, I = tree.range_search(q, r, beam, params=params)
+            leaves, leaf_scores = tree.probe(q, beam)
+            for i in range(len(q)):
+                reached = leaves[i][np.isfinite(leaf_scores[i])]
+                want = rows[(scores[i, rows] > r) & np.isin(tree.leaf_of[rows], reached)]
+                assert_equal(I[lims[i] : lims[i + 1]], ids[want])
+                assert_close(D[lims[i] : lims[i + 1]], scores[i, want], reduction_length=tree.M)
+        if sel is None:  # every leaf (the last beam above): the PQ index's own range search
+            pq_lims, _, pq_I = tree.pq.range_search(q, r)
+            assert_equal(lims, pq_lims)
+            assert_equal(I, pq_I)
+    lims_t, D_t, I_t = tree.range_search(torch.from_numpy(q), r, 2)
+    assert isinstance(I_t, torch.Tensor)
+    assert_equal(I_t.numpy(), tree.range_search(q, r, 2)[2])
+    with pytest.raises(ValueError, match="scans on the CPU"):
+        tree.range_search(q, r, 2, backend="triton")
