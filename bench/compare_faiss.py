@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, append_csv, default_threads, interleaved_medians, machine_info, set_threads  # noqa: E402
+from machine import (RESULTS, append_csv, command_line, default_threads, interleaved_medians,  # noqa: E402
+                     machine_info, set_threads)
 
 
 def make_problem(N: int, D: int, M: int, seed: int = 0):
@@ -131,11 +132,11 @@ def bench_memory(Ns, D, M, nq, k, threads):
     return rows
 
 
-def write_outputs(search_rows, encode_rows, memory_rows, info, prefix):
+def write_outputs(search_rows, encode_rows, memory_rows, info, prefix, command="python bench/compare_faiss.py"):
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = ["# jpq vs faiss (CPU)", "",
              f"{info['cpu']}, {info['threads']} threads, jpq {info['jpq']}, faiss {info['faiss']}, "
-             f"torch {info['torch']}, {info['date']}. Command: `python bench/compare_faiss.py`.", "",
+             f"torch {info['torch']}, {info['date']}. Command: `{command}`.", "",
              "Time ratio = jpq / faiss, same run, medians of interleaved repeats (< 1: jpq faster).", "",
              "| op | N | D | M | nq | k | jpq | faiss | ratio | top-k / code agreement |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -187,6 +188,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=default_threads())
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--prefix", default=None,
+                   help="output name under bench/results (default compare_faiss, or compare_faiss_quick with --quick)")
     args = p.parse_args(argv)
     set_threads(args.threads)
     info = machine_info(args.threads)
@@ -196,10 +199,11 @@ def main(argv=None):
     else:
         search_Ns, nqs, enc_ns, mem_Ns, prefix, repeats = [50_000, 200_000], [1, 4, 16, 64, 256], \
             [50_000, 200_000], [50_000, 200_000], "compare_faiss", args.repeats
+    prefix = args.prefix or prefix
     search_rows = [r for N in search_Ns for r in bench_search(N, D, M, nqs, k, repeats)]
     encode_rows = [r for n in enc_ns for r in bench_encode(n, D, M, max(3, repeats // 2))]
     memory_rows = [] if args.no_memory else bench_memory(mem_Ns, D, M, 64, k, args.threads)
-    write_outputs(search_rows, encode_rows, memory_rows, info, prefix)
+    write_outputs(search_rows, encode_rows, memory_rows, info, prefix, command_line("compare_faiss.py", argv))
 
 
 if __name__ == "__main__":
