@@ -500,8 +500,11 @@ class TreeIndex(VectorIndexInput):
 
     def remove_ids(self, ids) -> int:
         """Remove the documents whose id is in `ids` (an array of integers or a faiss IDSelector;
-        see `PQIndex.remove_ids`); return how many were removed. The tree and the other documents'
-        leaves are unchanged. Without ids, `ids` are positions and the later ones shift down, as
+        see `PQIndex.remove_ids`); return how many were removed. The routing parameters and the
+        other documents' leaves are unchanged, but which leaves a query probes may change: beam
+        search skips leaves left empty, and the centroid share ranks leaves by the mean of the
+        documents they hold now (faiss' fixed quantizer probes the same lists whatever they hold,
+        so there, removing documents equals filtering them out with a selector; here it need not). Without ids, `ids` are positions and the later ones shift down, as
         in `PQIndex` (faiss' IVF indexes, which always store ids, keep the others' labels: add
         with `add_with_ids` for that)."""
         keep = self.pq._rows_kept(ids)
@@ -526,8 +529,9 @@ class TreeIndex(VectorIndexInput):
     def merge_from(self, other: "TreeIndex", add_id: int = 0) -> None:
         """Move `other`'s documents, with their leaves, to the end of this index, as faiss'
         IVF `merge_from` (`other` is emptied; `add_id` as `PQIndex.merge_from`). Both must share
-        the tree (branching, routing parameters, query matrix) and the PQ quantizer: ValueError
-        naming what differs."""
+        the tree (branching, routing parameters, query matrix; compared in float32, as routed)
+        and the PQ quantizer: ValueError naming what differs. As with `remove_ids`, the merged
+        index may probe other leaves than each shard did (empty leaves, leaf centroids)."""
         if not isinstance(other, TreeIndex):
             raise TypeError(f"other must be a TreeIndex, got {type(other).__name__}")
         if other is self:
@@ -538,10 +542,11 @@ class TreeIndex(VectorIndexInput):
         other._require_trained()
         mine = self.embeddings + self.biases + [self.log_scales]
         theirs = other.embeddings + other.biases + [other.log_scales]
-        if any(not np.array_equal(a, b) for a, b in zip(mine, theirs)):
+        same = (lambda a, b: np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)))  # routed in float32
+        if any(not same(a, b) for a, b in zip(mine, theirs)):
             raise ValueError("cannot merge: the routing parameters differ (leaves are only comparable in the same tree)")
         if (self.query_matrix is None) != (other.query_matrix is None) or (
-                self.query_matrix is not None and not np.array_equal(self.query_matrix, other.query_matrix)):
+                self.query_matrix is not None and not same(self.query_matrix, other.query_matrix)):
             raise ValueError("cannot merge: the query matrices differ")
         leaves = other.leaf_of
         self.pq.merge_from(other.pq, add_id)  # checks the quantizer and the ids; empties other.pq
@@ -562,6 +567,7 @@ class TreeIndex(VectorIndexInput):
         self.pq.reset()
         self.leaf_of = np.empty(0, np.int64)
         self._lists = None
+        self._list_codes_cache = self._leaf_means = None
         self.drop_device_copies()
 
     def leaf_sizes(self) -> np.ndarray:
@@ -677,6 +683,8 @@ class TreeIndex(VectorIndexInput):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton":
             raise ValueError("TreeIndex.range_search scans on the CPU: backend must be 'auto', 'cpu' or 'reference'")
+        beam = _check_beam(beam)
+        self._check_search_params(params, beam)
         self.pq._require_trained()
         rows = self.pq._selected_rows(params)
         keep = None
@@ -687,7 +695,6 @@ class TreeIndex(VectorIndexInput):
         leaves, score = self.probe(qt, beam, transformed=True)
         offsets, ids, _ = self._inverted_lists()
         lut = self.pq.lut(qt, backend="reference" if backend == "reference" else "cpu")
-        scale = self.pq._unit_scale() if self.pq.unit_norm else None
         parts_n, parts_d, counts = [], [], np.zeros(len(qt), np.int64)
         for i in range(len(qt)):
             reached = leaves[i][np.isfinite(score[i])]
@@ -696,8 +703,6 @@ class TreeIndex(VectorIndexInput):
             if keep is not None:
                 cand = cand[keep[cand]]
             s = adc_scores(lut[i : i + 1], self.pq.codes[cand], backend="reference" if backend == "reference" else "cpu")[0]
-            if scale is not None:
-                s = s * scale[cand]
             within = s > radius if self.metric == "ip" else s < radius
             parts_n.append(cand[within])
             parts_d.append(s[within].astype(np.float32, copy=False))
@@ -719,8 +724,10 @@ class TreeIndex(VectorIndexInput):
         """k best documents among those in the `beam` leaves each query reaches, by ADC.
 
         params: a faiss `SearchParameters` whose `sel` (an IDSelector) restricts the search to
-        the documents it selects, as faiss' IVF indexes take it: the routing is unchanged, the
-        reached leaves' unselected documents are skipped (see `PQIndex.search`).
+        the documents it selects, as faiss' IVF indexes take it: the routing is unchanged (the
+        leaves reached are those of the unfiltered search), the reached leaves' unselected
+        documents are skipped (see `PQIndex.search`). A `SearchParametersIVF` must have nprobe
+        equal to `beam` and max_codes 0 (ValueError otherwise: neither is silently ignored).
 
         q: shape=(nq, d) float32, NumPy or torch (the frozen encoder's query vectors; the stored
         query tower is applied here). Returns D (nq, k) float32 and I (nq, k) int64 (positions
@@ -745,8 +752,22 @@ class TreeIndex(VectorIndexInput):
         if backend not in BACKENDS:  # before the selector's pass over the ids
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_k(k)
+        beam = _check_beam(beam)
+        self._check_search_params(params, beam)
         D, I = self._search_positions(q, k, beam, backend, rows=self.pq._selected_rows(params))
         return D, self.pq._positions_to_ids(I)
+
+    @staticmethod
+    def _check_search_params(params, beam) -> None:
+        """The IVF knobs of a faiss SearchParametersIVF this index cannot honour are refused, not
+        ignored: nprobe is the `beam` argument here, and max_codes has no counterpart."""
+        nprobe = getattr(params, "nprobe", None)
+        if nprobe is not None and nprobe != beam:
+            raise ValueError(f"params.nprobe={nprobe} but beam={beam}: TreeIndex probes `beam` leaves (faiss "
+                             f"SearchParametersIVF's nprobe defaults to 1); pass SearchParameters(sel=...) or "
+                             f"nprobe=beam")
+        if getattr(params, "max_codes", 0):
+            raise ValueError(f"params.max_codes={params.max_codes} is not supported by TreeIndex (use 0)")
 
     def _search_positions(self, q, k: int, beam: int, backend: str = "auto", rows: np.ndarray | None = None):
         """`search` with I as positions also in an index with ids (what the trainer, which
@@ -774,9 +795,8 @@ class TreeIndex(VectorIndexInput):
             if rows is None:
                 codes_t, offsets_t, ids_t, centroids_t = self._device_lists(kind.device)
             else:
-                codes_t, offsets_t, ids_t = (torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
-                                             for a in (list_codes, offsets, ids))
-                centroids_t = self._device_lists(kind.device)[3]
+                codes_t, offsets_t, ids_t, centroids_t = (torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
+                                                          for a in (list_codes, offsets, ids, self.pq.centroids))
             qr = torch.from_numpy(np.ascontiguousarray(self.pq.rotate(qt))).to(kind.device)
             return ivf_search(qr, centroids_t, codes_t, offsets_t, ids_t, torch.from_numpy(probes).to(kind.device), k,
                               metric=self.metric, backend="triton", check=False)
@@ -1003,7 +1023,8 @@ class TreeTrainer(Checkpointing):
         config: TreeConfig.
         index: a trained TreeIndex holding `doc_embeddings` (k-means tree + PQ codes); it is the
             epoch-0 model and is left unchanged (see `trained_index`).
-        doc_embeddings: shape=(N, d) float32, the frozen document encoder's vectors, row = doc id.
+        doc_embeddings: shape=(N, d) float32, the frozen document encoder's vectors, row = the
+            index's position of the document (qrels name rows, also for an index with ids).
         query_ids: training query ids; qrels {query_id: {doc_row: relevance}} over them.
         query_embeddings: {query_id: (d,) vector} for a vector-to-vector tower (the default,
             `ResidualLinear(d)`, on frozen encoder outputs), or

@@ -655,6 +655,8 @@ def test_remove_ids_keeps_the_tree_and_matches_a_fresh_index(small_tree, ids_map
         for t, rows in ((tree, ids), (fresh, keep)):  # the same trees without ids
             t.reset()
             t.add(x[rows])
+    tree.search(q, 5, 3)  # warm the lists and their leaf-ordered codes: removal must drop them
+    tree.leaf_centroids()
     assert tree.remove_ids(ids[::4]) == len(ids[::4])
     assert_equal(tree.leaf_of, fresh.leaf_of)
     assert_equal(tree.pq.codes, fresh.pq.codes)
@@ -710,41 +712,87 @@ def test_device_scan_maps_the_ids_too(small_tree):
     assert_close(D.numpy(), D_cpu, reduction_length=tree.M)
 
 
-@pytest.mark.parametrize("ids_map", [True, False])
-def test_search_with_a_selector_is_the_search_of_the_selected_documents(small_tree, ids_map):
-    """params.sel, as faiss' IVF indexes take it: the same routing (the leaves the full tree
-    reaches), the unselected documents of those leaves skipped: the ADC top-k of the selected
-    documents in the reached leaves; with every leaf reached, a tree of the selected documents."""
+def varied_tree(metric, opq, share, query_matrix, with_ids):
+    """A small trained tree of another kind than the fixture's: metric, OPQ, a centroid share,
+    a stored query matrix, ids."""
+    rng = np.random.default_rng(12)
+    x, _, _ = clustered(rng, 10, 40, 24, noise=0.6)
+    tree = TreeIndex(24, (3, 4), M=6, nbits=6, metric=metric, opq=opq, centroid_share=share)
+    tree.train(x, niter=6)
+    ids = np.arange(len(x), dtype=np.int64)[::-1] * 2 + 1
+    tree.add_with_ids(x, ids) if with_ids else tree.add(x)
+    if query_matrix:
+        tree.query_matrix = (np.eye(24) + 0.2 * rng.standard_normal((24, 24))).astype(np.float32)
+    q = rng.standard_normal((12, 24)).astype(np.float32)
+    return tree, x, q, ids if with_ids else np.arange(len(x), dtype=np.int64)
+
+
+def brute_force_scores(tree, q):
+    """ADC scores of every document for q, through the stored query tower and the rotation."""
+    qt = tree.transform_queries(q)
+    return adc_scores_reference(build_lut_reference(tree.pq.rotate(qt), tree.pq.centroids, tree.metric),
+                                tree.pq.codes)
+
+
+TREE_KINDS = [("ip", False, 0.0, False, True), ("l2", False, 0.0, False, False), ("ip", True, 0.5, True, True),
+              ("l2", True, 0.5, False, True)]
+
+
+@pytest.mark.parametrize("metric,opq,share,query_matrix,with_ids", TREE_KINDS)
+def test_filtered_search_and_range_search_equal_brute_force_in_the_reached_leaves(metric, opq, share,
+                                                                                  query_matrix, with_ids):
+    """params.sel, as faiss' IVF indexes take it: the leaves of the unfiltered search (routing,
+    centroid share), their unselected documents skipped; range_search: every document of the
+    reached leaves within the radius. Both against ADC scores of all documents."""
     import faiss
     from jpq.kernels.adc import topk_from_scores
 
-    index, x, q = small_tree
-    ids = np.arange(len(x), dtype=np.int64) * 3 + 5 if ids_map else np.arange(len(x), dtype=np.int64)
-    tree = tree_with_ids(small_tree, ids) if ids_map else index
-    scores = adc_scores_reference(build_lut_reference(q, tree.pq.centroids, "ip"), tree.pq.codes)
-    chosen_rows = np.sort(np.random.default_rng(11).choice(len(x), 200, replace=False))
-    for sel, rows in [(faiss.IDSelectorBatch(ids[chosen_rows]), chosen_rows),
-                      (faiss.IDSelectorRange(int(ids[100]), int(ids[140])), np.arange(100, 140)),
+    tree, x, q, ids = varied_tree(metric, opq, share, query_matrix, with_ids)
+    scores = brute_force_scores(tree, q)
+    better = (lambda s, r: s > r) if metric == "ip" else (lambda s, r: s < r)
+    ranked = np.unique(-scores if metric == "ip" else scores)  # best first
+    at = int(np.argmax(np.diff(ranked)[len(ranked) // 10 :] > 1e-3)) + len(ranked) // 10
+    r = float(ranked[at] + ranked[at + 1]) / 2  # about the best tenth, in a gap between scores
+    r = -r if metric == "ip" else r
+    rng = np.random.default_rng(13)
+    chosen = np.sort(rng.choice(len(x), 150, replace=False))
+    for sel, rows in [(None, np.arange(len(x))), (faiss.IDSelectorBatch(ids[chosen]), chosen),
                       (faiss.IDSelectorRange(-3, -2), np.zeros(0, np.int64))]:
-        params = faiss.SearchParameters(sel=sel)
-        for beam in (1, 4):
+        params = None if sel is None else faiss.SearchParameters(sel=sel)
+        for beam in (1, 3, tree.n_leaves):
             leaves, leaf_scores = tree.probe(q, beam)
-            D, I = tree.search(q, 15, beam, params=params)
+            D, I = tree.search(q, 12, beam, params=params)
+            lims, Dr, Ir = tree.range_search(q, r, beam, params=params)
             for i in range(len(q)):
                 reached = leaves[i][np.isfinite(leaf_scores[i])]
-                candidates = rows[np.isin(tree.leaf_of[rows], reached)]
-                masked = np.full((1, len(x)), -np.inf, np.float32)
-                masked[0, candidates] = scores[i, candidates]
-                D_ref, I_ref = topk_from_scores(masked[:, candidates], 15, "ip") if len(candidates) else \
-                    (np.full((1, 15), -np.finfo(np.float32).max, np.float32), np.full((1, 15), -1))
-                I_ref = np.where(I_ref >= 0, ids[candidates][np.maximum(I_ref, 0)], -1) if len(candidates) else I_ref
-                assert_equal(I[i], I_ref[0])
-                assert_close(D[i], D_ref[0], reduction_length=tree.M)
-        subset = tree_with_ids(small_tree, ids[rows], rows)
-        for got, want in zip(tree.search(q, 15, tree.n_leaves, params=params), subset.search(q, 15, tree.n_leaves)):
-            assert_equal(got, want)
-    for got, want in zip(tree.search(q, 5, 3, params=faiss.SearchParameters()), tree.search(q, 5, 3)):
-        assert_equal(got, want)
+                cand = rows[np.isin(tree.leaf_of[rows], reached)]
+                if len(cand):
+                    D_ref, I_ref = topk_from_scores(scores[i : i + 1, cand], 12, metric)
+                    I_ref = np.where(I_ref >= 0, ids[cand][np.maximum(I_ref, 0)], -1)
+                    assert_equal(I[i], I_ref[0])
+                    assert_close(D[i], D_ref[0], reduction_length=tree.M)
+                else:
+                    assert (I[i] == -1).all()
+                within = cand[better(scores[i, cand], r)]
+                assert_equal(Ir[lims[i] : lims[i + 1]], ids[within])
+                assert_close(Dr[lims[i] : lims[i + 1]], scores[i, within], reduction_length=tree.M)
+    if not share:  # every leaf reached: the PQ index's own range search
+        pq_lims, _, pq_I = tree.pq.range_search(tree.transform_queries(q), r)
+        lims, _, I = tree.range_search(q, r, tree.n_leaves)
+        assert_equal(lims, pq_lims)
+        assert_equal(I, pq_I)
+    lims_t, D_t, I_t = tree.range_search(torch.from_numpy(q), r, 2)
+    assert isinstance(I_t, torch.Tensor)
+    assert_equal(I_t.numpy(), tree.range_search(q, r, 2)[2])
+    with pytest.raises(ValueError, match="scans on the CPU"):
+        tree.range_search(q, r, 2, backend="triton")
+    ivf = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(0, 10))  # nprobe 1 by default
+    for call in (lambda: tree.search(q, 5, 3, params=ivf), lambda: tree.range_search(q, r, 3, params=ivf)):
+        with pytest.raises(ValueError, match="nprobe=1 but beam=3"):
+            call()
+    ivf.nprobe = 3
+    assert_equal(tree.search(q, 5, 3, params=ivf)[1],
+                 tree.search(q, 5, 3, params=faiss.SearchParameters(sel=faiss.IDSelectorRange(0, 10)))[1])
 
 
 @pytest.mark.interpreter
@@ -769,8 +817,11 @@ def test_merge_from_equals_one_tree_of_both_shards(small_tree):
     index, x, q = small_tree
     a, b = tree_with_ids(small_tree, np.arange(300), np.arange(300)), \
         tree_with_ids(small_tree, np.arange(len(x) - 300), np.arange(300, len(x)))
+    a.search(q, 5, 3)  # warm both shards' caches: the merge must not serve stale lists
+    b.search(q, 5, 3)
     a.merge_from(b, add_id=300)
     assert b.ntotal == 0 and len(b.leaf_of) == 0
+    assert b._list_codes_cache is None and b._leaf_means is None and b._lists is None
     whole = tree_with_ids(small_tree, np.arange(len(x)))
     assert_equal(a.leaf_of, whole.leaf_of)
     assert_equal(a.ids, whole.ids)
@@ -783,43 +834,18 @@ def test_merge_from_equals_one_tree_of_both_shards(small_tree):
     other_tree.add_with_ids(x[:5], np.arange(5))
     other_pq = tree_with_ids(small_tree, np.arange(5), np.arange(5))
     other_pq.pq.centroids = other_pq.pq.centroids + 1
+    other_tower = tree_with_ids(small_tree, np.arange(5), np.arange(5))
+    other_tower.query_matrix = np.eye(24, dtype=np.float32) * 2
     for other, error, message in [(other_tree, ValueError, "routing parameters differ"),
+                                  (other_tower, ValueError, "query matrices differ"),
                                   (other_pq, ValueError, "centroids differ"),
                                   (a, ValueError, "into itself"),
                                   (index.pq, TypeError, "must be a TreeIndex")]:
         with pytest.raises(error, match=message):
             a.merge_from(other)
     assert a.ntotal == len(x) and other_tree.ntotal == 5 == len(other_tree.leaf_of)
-
-
-@pytest.mark.parametrize("ids_map", [True, False])
-def test_range_search_is_the_pq_range_search_within_the_reached_leaves(small_tree, ids_map):
-    import faiss
-
-    index, x, q = small_tree
-    ids = np.arange(len(x), dtype=np.int64)[::-1] * 2 + 1 if ids_map else np.arange(len(x), dtype=np.int64)
-    tree = tree_with_ids(small_tree, ids) if ids_map else index
-    scores = adc_scores_reference(build_lut_reference(q, tree.pq.centroids, "ip"), tree.pq.codes)
-    flat = np.unique(scores)
-    gap = int(np.argmax(np.diff(flat)[len(flat) * 9 // 10 :] > 1e-3)) + len(flat) * 9 // 10
-    r = float(flat[gap] + flat[gap + 1]) / 2  # about the best tenth, away from any score
-    for sel, rows in [(None, np.arange(len(x))), (faiss.IDSelectorRange(int(ids.min()), int(np.median(ids))),
-                                                  np.flatnonzero(ids < np.median(ids)))]:
-        params = None if sel is None else faiss.SearchParameters(sel=sel)
-        for beam in (1, 3, tree.n_leaves):
-            lims, D, I = tree.range_search(q, r, beam, params=params)
-            leaves, leaf_scores = tree.probe(q, beam)
-            for i in range(len(q)):
-                reached = leaves[i][np.isfinite(leaf_scores[i])]
-                want = rows[(scores[i, rows] > r) & np.isin(tree.leaf_of[rows], reached)]
-                assert_equal(I[lims[i] : lims[i + 1]], ids[want])
-                assert_close(D[lims[i] : lims[i + 1]], scores[i, want], reduction_length=tree.M)
-        if sel is None:  # every leaf (the last beam above): the PQ index's own range search
-            pq_lims, _, pq_I = tree.pq.range_search(q, r)
-            assert_equal(lims, pq_lims)
-            assert_equal(I, pq_I)
-    lims_t, D_t, I_t = tree.range_search(torch.from_numpy(q), r, 2)
-    assert isinstance(I_t, torch.Tensor)
-    assert_equal(I_t.numpy(), tree.range_search(q, r, 2)[2])
-    with pytest.raises(ValueError, match="scans on the CPU"):
-        tree.range_search(q, r, 2, backend="triton")
+    # the same routing held in float64 (routing runs in float32): accepted
+    same64 = tree_with_ids(small_tree, np.arange(5) + 10**6, np.arange(5))
+    same64.log_scales = same64.log_scales.astype(np.float64)
+    a.merge_from(same64)
+    assert a.ntotal == len(x) + 5
