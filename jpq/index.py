@@ -249,6 +249,14 @@ class PQIndex(VectorIndexInput):
             to +0.026 over three seeds; after JPQ training no gain (`bench/unit_norm.py`).
     """
 
+    # derived state rebuilt on demand (device copies, scales, id lookup): never pickled or copied
+    _CACHES = ("_device_cache", "_device_scale_cache", "_device_ids_cache", "_unit_scale_cache", "_id_rows")
+
+    def __getstate__(self) -> dict:
+        """pickle / copy state without the caches: a pickled index holds no device tensor (it
+        loads on a machine without the GPU it was searched on) and no stale lookup."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
     def __init__(self, d: int, M: int, nbits: int = 8, metric: str = "ip", opq: bool = False,
                  unit_norm: bool = False):
         for name, v in (("d", d), ("M", M), ("nbits", nbits)):

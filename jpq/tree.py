@@ -366,6 +366,12 @@ class TreeIndex(VectorIndexInput):
         self._list_codes_cache = None  # (what it was computed from, leaf-ordered codes)
         self._device_cache = None  # (device, what it was copied from, tensors) for device searches
 
+    _CACHES = ("_lists", "_leaf_means", "_list_codes_cache", "_device_cache")  # rebuilt on demand
+
+    def __getstate__(self) -> dict:
+        """pickle / copy state with the caches emptied (no device tensors, no stale lists)."""
+        return {k: (None if k in self._CACHES else v) for k, v in self.__dict__.items()}
+
     # ------------------------------------------------------------------ properties
     @property
     def M(self) -> int:

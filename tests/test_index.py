@@ -1300,3 +1300,25 @@ def test_reset_and_merge_free_the_emptied_index_caches(data):
     assert getattr(b, "_device_cache", None) is None
     with pytest.raises(ValueError, match="add_id must fit in int64"):
         a.merge_from(b, add_id=2**70)
+
+
+def test_pickle_and_copy_carry_no_cache(data):
+    import copy
+    import pickle
+
+    x, q = data
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    index = jpq.PQIndex(32, 8, unit_norm=True)
+    index.train(xn, niter=5)
+    index.add_with_ids(xn, np.arange(len(x)) * 2)
+    D, I = index.search(q, 10)
+    index.reconstruct(4)
+    index._device_arrays(torch.device("cpu"))
+    for twin in (pickle.loads(pickle.dumps(index)), copy.deepcopy(index)):
+        assert not set(jpq.PQIndex._CACHES) & set(vars(twin))
+        assert not any(isinstance(v, torch.Tensor) for v in vars(twin).values())
+        D2, I2 = twin.search(q, 10)
+        np.testing.assert_array_equal(I2, I)
+        np.testing.assert_array_equal(D2, D)
+        np.testing.assert_array_equal(twin.reconstruct(4), index.reconstruct(4))
+    assert index._device_cache is not None  # the original keeps its own

@@ -849,3 +849,16 @@ def test_merge_from_equals_one_tree_of_both_shards(small_tree):
     same64.log_scales = same64.log_scales.astype(np.float64)
     a.merge_from(same64)
     assert a.ntotal == len(x) + 5
+
+
+def test_tree_pickle_carries_no_cache(small_tree):
+    import pickle
+
+    index, x, q = small_tree
+    D, I = index.search(q, 10, 3)
+    index.leaf_centroids()
+    twin = pickle.loads(pickle.dumps(index))
+    assert all(getattr(twin, name) is None for name in TreeIndex._CACHES)
+    assert index._lists is not None  # the original keeps its own
+    for got, want in zip(twin.search(q, 10, 3), (D, I)):
+        assert_equal(got, want)
