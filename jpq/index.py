@@ -192,6 +192,16 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def _integer_vector(name: str, x, alternatives: str = "") -> np.ndarray:
+    """x (a 1-d sequence of integers, NumPy or torch; empty of any dtype) as a NumPy array;
+    TypeError naming `name` (and what else it may be) otherwise."""
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    if x.ndim != 1 or x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or x.size == 0):
+        raise TypeError(f"{name} must be a 1-d sequence of integers{alternatives}, got dtype {x.dtype}, "
+                        f"shape {x.shape}")
+    return x
+
+
 def _check_radius(radius) -> float:
     """A range_search radius as a float: a number, or a 0-d array / tensor holding one; not nan.
     Past float32's range it becomes +-inf (the scores are float32, as in faiss)."""
@@ -538,11 +548,7 @@ class PQIndex(VectorIndexInput):
             probe.remove_ids(ids)
             member = ~np.isin(unique, faiss.vector_to_array(probe.id_map), assume_unique=True)
             return member[inverse.reshape(-1)]
-        remove = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
-        if remove.ndim != 1 or not (np.issubdtype(remove.dtype, np.integer) or remove.size == 0) \
-                or remove.dtype == np.bool_:
-            raise TypeError(f"ids must be a 1-d sequence of integers or a faiss IDSelector, got dtype "
-                            f"{remove.dtype}, shape {remove.shape}")
+        remove = _integer_vector("ids", ids, " or a faiss IDSelector")
         if np.issubdtype(remove.dtype, np.unsignedinteger) and remove.size \
                 and remove.max() > np.iinfo(np.int64).max:
             remove = remove[remove <= np.iinfo(np.int64).max]  # no id the index holds is that large
@@ -581,11 +587,7 @@ class PQIndex(VectorIndexInput):
     def reconstruct_batch(self, keys) -> np.ndarray:
         """Reconstructions (n, d) of the ids `keys` (n,) (positions in an index without ids), as
         faiss' `reconstruct_batch`; IndexError for an id the index does not hold."""
-        if isinstance(keys, torch.Tensor):
-            keys = keys.detach().cpu().numpy()
-        keys = np.asarray(keys)
-        if keys.ndim != 1 or keys.dtype == np.bool_ or not (np.issubdtype(keys.dtype, np.integer) or keys.size == 0):
-            raise TypeError(f"keys must be a 1-d sequence of integers, got dtype {keys.dtype}, shape {keys.shape}")
+        keys = _integer_vector("keys", keys)
         if np.issubdtype(keys.dtype, np.unsignedinteger) and keys.size and keys.max() > np.iinfo(np.int64).max:
             raise IndexError(f"id {int(keys.max())} is not in the index")
         return self.decode(self.codes[self._rows_of(keys.astype(np.int64), "id")])
