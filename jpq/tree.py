@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .index import PQIndex, VectorIndexInput, matmul_t, searches_on_device, train_pq_centroids
+from .index import PQIndex, VectorIndexInput, _check_radius, matmul_t, searches_on_device, train_pq_centroids
 from .kernels import adc_scores, assign
 from .kernels.ivf import ivf_search
 from .kernels.arrays import array_kind, check_int, check_k, check_metric, to_numpy_f32
@@ -681,8 +681,6 @@ class TreeIndex(VectorIndexInput):
         query i's results D[lims[i]:lims[i + 1]] in position order (their ids for an index with
         ids). The routing and the scan run on the CPU (backend "cpu" or "reference" for the
         scan; "auto" is "cpu"); torch queries get torch results on their device."""
-        from .index import _check_radius
-
         kind = array_kind(q=q)
         radius = _check_radius(radius)
         if backend not in BACKENDS:
