@@ -690,23 +690,19 @@ class TreeIndex(VectorIndexInput):
         beam = _check_beam(beam)
         self._check_search_params(params, beam)
         self.pq._require_trained()
-        rows = self.pq._selected_rows(params)
-        keep = None
-        if rows is not None:
-            keep = np.zeros(self.ntotal, dtype=bool)
-            keep[rows] = True
+        offsets, ids, list_codes = self._selected_lists(self.pq._selected_rows(params))
         qt = self.transform_queries(self._vectors("q", q))
         leaves, score = self.probe(qt, beam, transformed=True)
-        offsets, ids, _ = self._inverted_lists()
         lut = self.pq.lut(qt, backend="reference" if backend == "reference" else "cpu")
         parts_n, parts_d, counts = [], [], np.zeros(len(qt), np.int64)
         for i in range(len(qt)):
             reached = leaves[i][np.isfinite(score[i])]
-            cand = np.sort(np.concatenate([ids[offsets[leaf] : offsets[leaf + 1]] for leaf in reached])
-                           if len(reached) else np.zeros(0, np.int64))
-            if keep is not None:
-                cand = cand[keep[cand]]
-            s = adc_scores(lut[i : i + 1], self.pq.codes[cand], backend="reference" if backend == "reference" else "cpu")[0]
+            spans = [slice(offsets[leaf], offsets[leaf + 1]) for leaf in reached]
+            cand = np.concatenate([ids[sp] for sp in spans]) if spans else np.zeros(0, np.int64)
+            codes = np.concatenate([list_codes[sp] for sp in spans]) if spans else list_codes[:0]
+            s = adc_scores(lut[i : i + 1], codes, backend="reference" if backend == "reference" else "cpu")[0]
+            order = np.argsort(cand, kind="stable")  # position order, as documented
+            cand, s = cand[order], s[order]
             within = s > radius if self.metric == "ip" else s < radius
             parts_n.append(cand[within])
             parts_d.append(s[within].astype(np.float32, copy=False))
@@ -761,6 +757,19 @@ class TreeIndex(VectorIndexInput):
         D, I = self._search_positions(q, k, beam, backend, rows=self.pq._selected_rows(params))
         return D, self.pq._positions_to_ids(I)
 
+    def _selected_lists(self, rows: np.ndarray | None):
+        """(offsets, ids, leaf-ordered codes) of the inverted lists, or with `rows` (sorted
+        positions) of the lists of those documents only: same leaves, same order within each."""
+        offsets, ids, _ = self._inverted_lists()
+        list_codes = self._list_codes()
+        if rows is None:
+            return offsets, ids, list_codes
+        keep = np.zeros(self.ntotal, dtype=bool)
+        keep[rows] = True
+        in_list = keep[ids]
+        kept_per_leaf = np.bincount(self.leaf_of[rows], minlength=self.n_leaves)
+        return np.concatenate([[0], np.cumsum(kept_per_leaf)]).astype(np.int64), ids[in_list], list_codes[in_list]
+
     @staticmethod
     def _check_search_params(params, beam) -> None:
         """The IVF knobs of a faiss SearchParametersIVF this index cannot honour are refused, not
@@ -786,15 +795,7 @@ class TreeIndex(VectorIndexInput):
         qt = self.transform_queries(self._vectors("q", q))
         leaves, score = self.probe(qt, beam, transformed=True)
         probes = np.where(np.isfinite(score), leaves, -1)
-        offsets, ids, _ = self._inverted_lists()
-        list_codes = self._list_codes()
-        if rows is not None:  # the lists of the selected documents only (same leaves, same order)
-            keep = np.zeros(self.ntotal, dtype=bool)
-            keep[rows] = True
-            in_list = keep[ids]
-            ids, list_codes = ids[in_list], list_codes[in_list]
-            kept_per_leaf = np.bincount(self.leaf_of[rows], minlength=self.n_leaves)
-            offsets = np.concatenate([[0], np.cumsum(kept_per_leaf)]).astype(np.int64)
+        offsets, ids, list_codes = self._selected_lists(rows)
         if on_device:
             if rows is None:
                 codes_t, offsets_t, ids_t, centroids_t = self._device_lists(kind.device)
